@@ -1,0 +1,88 @@
+"""Input validation shared by every op: clear errors that name the argument and the fix.
+
+Shape, dtype and device checks run always (also under fake tensors), before any launch or
+write. Value checks need a device->host sync and so run only in eager mode, outside CUDA-graph
+capture and outside torch.compile tracing (`value_checks_enabled`).
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+
+
+class W4A8InputError(ValueError):
+    """Raised for an input the W4A8 ops refuse; the message names the argument and the fix."""
+
+
+def fail(op: str, message: str) -> None:
+    raise W4A8InputError(f"w4a8::{op}: {message}")
+
+
+def check_dtype(op: str, name: str, t: torch.Tensor, *dtypes: torch.dtype) -> None:
+    if not isinstance(t, torch.Tensor):
+        fail(op, f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        want = " or ".join(str(d) for d in dtypes)
+        fail(op, f"{name} must have dtype {want}, got {t.dtype}; convert it with .to({want.split(' or ')[0]})")
+
+
+def check_rank(op: str, name: str, t: torch.Tensor, rank: int | tuple[int, ...], layout: str) -> None:
+    ranks = (rank,) if isinstance(rank, int) else rank
+    if t.dim() not in ranks:
+        fail(op, f"{name} must have rank {' or '.join(map(str, ranks))} ({layout}), got shape {tuple(t.shape)}")
+
+
+def check_min_rank(op: str, name: str, t: torch.Tensor, rank: int, layout: str) -> None:
+    if t.dim() < rank:
+        fail(op, f"{name} must have rank >= {rank} ({layout}), got shape {tuple(t.shape)}")
+
+
+def check_contiguous(op: str, name: str, t: torch.Tensor) -> None:
+    if not t.is_contiguous():
+        fail(op, f"{name} must be contiguous (strides {t.stride()} for shape {tuple(t.shape)}); "
+                 f"call .contiguous() on it first")
+
+
+def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:
+    named = [(n, t) for n, t in tensors.items() if t is not None]
+    if not named:
+        return
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            fail(op, f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                     f"move all inputs to one device")
+
+
+def check_shape(op: str, name: str, t: torch.Tensor, expected: tuple, layout: str) -> None:
+    if tuple(t.shape) != tuple(expected):
+        fail(op, f"{name} must have shape {tuple(expected)} ({layout}), got {tuple(t.shape)}")
+
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool):
+    """Turn the eager value checks (which synchronize) on or off in this thread."""
+    previous = getattr(_state, "enabled", True)
+    _state.enabled = enabled
+    try:
+        yield
+    finally:
+        _state.enabled = previous
+
+
+def value_checks_enabled(t: torch.Tensor) -> bool:
+    """True when a value check may synchronize: eager, real tensors, not capturing, not compiling."""
+    if not getattr(_state, "enabled", True):
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    if t.device.type == "meta" or isinstance(t, torch._subclasses.FakeTensor):
+        return False
+    if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    return True

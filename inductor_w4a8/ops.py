@@ -1,0 +1,452 @@
+"""Every `w4a8::` custom op: schema, input checks, fake (meta) kernel, CPU kernel, CUDA kernel.
+
+CPU kernels are the pure-torch math of `formats` / `reference`; CUDA kernels are Triton launchers
+in `inductor_w4a8.launch` (the @triton.jit code itself lives in `inductor_w4a8.kernels`). The
+launchers are imported lazily so that CPU-only installs never import triton.
+
+Checks: `_check_*` run in the fake kernel and in every real kernel before any launch or write.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import Tensor
+
+from . import formats, reference
+from .checks import (check_contiguous, check_dtype, check_min_rank, check_rank, check_same_device,
+                     check_shape, fail, value_checks_enabled)
+
+FP8 = formats.FP8_DTYPE
+SCORING_FUNCTIONS = ("softmax", "sigmoid")
+
+
+def _launcher(name: str):
+    return importlib.import_module(f"inductor_w4a8.launch.{name}")
+
+
+# ============================================================================================
+# Post-processing
+# ============================================================================================
+def _check_packed_weights(op: str, packed: Tensor, *, need_contiguous: bool = True) -> None:
+    check_dtype(op, "packed", packed, torch.int32)
+    check_min_rank(op, "packed", packed, 2, "[..., N, K // 8] int32 words of 8 int4 nibbles")
+    if need_contiguous:
+        check_contiguous(op, "packed", packed)
+
+
+@torch.library.custom_op("w4a8::convert_packed_uint4b8_to_signed_int4_", mutates_args=("packed",))
+def convert_packed_uint4b8_to_signed_int4_(packed: Tensor) -> None:
+    """In place: every nibble v of the compressed-tensors words becomes (v - 8) & 0xF."""
+    raise NotImplementedError(f"w4a8::convert_packed_uint4b8_to_signed_int4_ has no kernel for {packed.device}")
+
+
+@convert_packed_uint4b8_to_signed_int4_.register_fake
+def _(packed: Tensor) -> None:
+    _check_packed_weights("convert_packed_uint4b8_to_signed_int4_", packed)
+
+
+@convert_packed_uint4b8_to_signed_int4_.register_kernel("cpu")
+def _(packed: Tensor) -> None:
+    _check_packed_weights("convert_packed_uint4b8_to_signed_int4_", packed)
+    packed.copy_(formats.uint4b8_to_signed_int4(packed))
+
+
+@convert_packed_uint4b8_to_signed_int4_.register_kernel("cuda")
+def _(packed: Tensor) -> None:
+    _check_packed_weights("convert_packed_uint4b8_to_signed_int4_", packed)
+    _launcher("int4_convert").convert_uint4b8_to_signed_(packed)
+
+
+def _check_reorder(packed: Tensor) -> None:
+    op = "encode_and_reorder_int4b_grouped"
+    _check_packed_weights(op, packed)
+    check_rank(op, "packed", packed, 3, "[E, N, K // 8] signed int4 words")
+
+
+@torch.library.custom_op("w4a8::encode_and_reorder_int4b_grouped", mutates_args=())
+def encode_and_reorder_int4b_grouped(packed: Tensor) -> tuple[Tensor, Tensor]:
+    """Signed int32 [E, N, K // 8] -> (weights in the GEMM layout, int64 [E, 3] strides).
+
+    The layout and the unit of the strides are documented in `formats.encode_gemm_layout`.
+    """
+    raise NotImplementedError(f"w4a8::encode_and_reorder_int4b_grouped has no kernel for {packed.device}")
+
+
+@encode_and_reorder_int4b_grouped.register_fake
+def _(packed: Tensor) -> tuple[Tensor, Tensor]:
+    _check_reorder(packed)
+    E, N, words = packed.shape
+    w = packed.new_empty(formats.gemm_layout_shape(E, N, words * formats.NIBBLES_PER_WORD),
+                         dtype=formats.gemm_layout_dtype())
+    return w, packed.new_empty((E, 3), dtype=torch.int64)
+
+
+@encode_and_reorder_int4b_grouped.register_kernel("cpu")
+def _(packed: Tensor) -> tuple[Tensor, Tensor]:
+    _check_reorder(packed)
+    return formats.encode_gemm_layout(packed)
+
+
+@encode_and_reorder_int4b_grouped.register_kernel("cuda")
+def _(packed: Tensor) -> tuple[Tensor, Tensor]:
+    _check_reorder(packed)
+    return _launcher("int4_reorder").encode_and_reorder(packed)
+
+
+def _check_scales(scales: Tensor) -> None:
+    op = "convert_bf16_scales_to_fp8"
+    check_dtype(op, "scales", scales, torch.bfloat16)
+    check_min_rank(op, "scales", scales, 2, "[..., N, K // group_size] bf16 group scales")
+    check_contiguous(op, "scales", scales)
+    if scales.shape[-1] == 0:
+        fail(op, "scales has 0 groups in its last dim; K // group_size must be >= 1")
+
+
+@torch.library.custom_op("w4a8::convert_bf16_scales_to_fp8", mutates_args=())
+def convert_bf16_scales_to_fp8(scales: Tensor) -> tuple[Tensor, Tensor]:
+    """bf16 [..., G_count] -> (fp8 [..., G_count], fp32 [..., 1]): vLLM's contract, bit for bit."""
+    raise NotImplementedError(f"w4a8::convert_bf16_scales_to_fp8 has no kernel for {scales.device}")
+
+
+@convert_bf16_scales_to_fp8.register_fake
+def _(scales: Tensor) -> tuple[Tensor, Tensor]:
+    _check_scales(scales)
+    chan_shape = tuple(scales.shape[:-1]) + (1,)
+    return scales.new_empty(scales.shape, dtype=FP8), scales.new_empty(chan_shape, dtype=torch.float32)
+
+
+@convert_bf16_scales_to_fp8.register_kernel("cpu")
+def _(scales: Tensor) -> tuple[Tensor, Tensor]:
+    _check_scales(scales)
+    return formats.convert_bf16_scales_to_fp8(scales)
+
+
+@convert_bf16_scales_to_fp8.register_kernel("cuda")
+def _(scales: Tensor) -> tuple[Tensor, Tensor]:
+    _check_scales(scales)
+    return _launcher("scale_convert").convert_bf16_scales_to_fp8(scales)
+
+
+# ============================================================================================
+# Activation quantization
+# ============================================================================================
+def _check_activations(op: str, x: Tensor, layout: str) -> None:
+    check_dtype(op, "x", x, torch.bfloat16)
+    check_rank(op, "x", x, 2, layout)
+    check_contiguous(op, "x", x)
+
+
+@torch.library.custom_op("w4a8::quantize_fp8_per_token", mutates_args=())
+def quantize_fp8_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
+    """bf16 [T, K] -> (fp8 [T, K], fp32 [T, 1]); scale = max(amax_row / 448, 1 / (448 * 512))."""
+    raise NotImplementedError(f"w4a8::quantize_fp8_per_token has no kernel for {x.device}")
+
+
+@quantize_fp8_per_token.register_fake
+def _(x: Tensor) -> tuple[Tensor, Tensor]:
+    _check_activations("quantize_fp8_per_token", x, "[T, K] bf16 tokens")
+    return x.new_empty(x.shape, dtype=FP8), x.new_empty((x.shape[0], 1), dtype=torch.float32)
+
+
+@quantize_fp8_per_token.register_kernel("cpu")
+def _(x: Tensor) -> tuple[Tensor, Tensor]:
+    _check_activations("quantize_fp8_per_token", x, "[T, K] bf16 tokens")
+    return formats.quantize_fp8_per_token(x)
+
+
+@quantize_fp8_per_token.register_kernel("cuda")
+def _(x: Tensor) -> tuple[Tensor, Tensor]:
+    _check_activations("quantize_fp8_per_token", x, "[T, K] bf16 tokens")
+    return _launcher("fp8_quant").quantize_fp8_per_token(x)
+
+
+@torch.library.custom_op("w4a8::silu_mul_quantize_fp8", mutates_args=())
+def silu_mul_quantize_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """bf16 [R, 2I] -> fp8 [R, I], fp32 [R, 1] of silu(x[:, :I]) * x[:, I:] (fp32 math)."""
+    raise NotImplementedError(f"w4a8::silu_mul_quantize_fp8 has no kernel for {x.device}")
+
+
+def _check_silu_mul(x: Tensor) -> None:
+    _check_activations("silu_mul_quantize_fp8", x, "[R, 2 * I] bf16 gate|up rows")
+    if x.shape[1] % 2:
+        fail("silu_mul_quantize_fp8", f"x has {x.shape[1]} columns; it must be even ([gate | up])")
+
+
+@silu_mul_quantize_fp8.register_fake
+def _(x: Tensor) -> tuple[Tensor, Tensor]:
+    _check_silu_mul(x)
+    return (x.new_empty((x.shape[0], x.shape[1] // 2), dtype=FP8),
+            x.new_empty((x.shape[0], 1), dtype=torch.float32))
+
+
+@silu_mul_quantize_fp8.register_kernel("cpu")
+def _(x: Tensor) -> tuple[Tensor, Tensor]:
+    _check_silu_mul(x)
+    return reference.silu_mul_quantize_fp8(x)
+
+
+@silu_mul_quantize_fp8.register_kernel("cuda")
+def _(x: Tensor) -> tuple[Tensor, Tensor]:
+    _check_silu_mul(x)
+    return _launcher("silu_mul_quant").silu_mul_quantize_fp8(x)
+
+
+# ============================================================================================
+# Grouped GEMM
+# ============================================================================================
+def _check_grouped_gemm(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor,
+                        w_chan_scale: Tensor | None, expert_offsets: Tensor, group_size: int) -> None:
+    op = "grouped_gemm"
+    check_dtype(op, "a", a, FP8)
+    check_rank(op, "a", a, 2, "[R, K] fp8 rows sorted by expert")
+    check_contiguous(op, "a", a)
+    check_dtype(op, "a_scale", a_scale, torch.float32)
+    check_dtype(op, "w", w, formats.gemm_layout_dtype())
+    check_rank(op, "w", w, 3, "[E, N, K // 8] from w4a8::encode_and_reorder_int4b_grouped")
+    check_contiguous(op, "w", w)
+    check_dtype(op, "expert_offsets", expert_offsets, torch.int64)
+    check_same_device(op, a=a, a_scale=a_scale, w=w, w_scale=w_scale, w_chan_scale=w_chan_scale,
+                      expert_offsets=expert_offsets)
+    R, K = a.shape
+    E, N, words = w.shape
+    if words * formats.NIBBLES_PER_WORD != K:
+        fail(op, f"a has K={K} but w holds K={words * formats.NIBBLES_PER_WORD} "
+                 f"(w.shape[2] * 8); activations and weights must share K")
+    if group_size not in formats.SUPPORTED_GROUP_SIZES:
+        fail(op, f"group_size={group_size} is not supported; use one of {formats.SUPPORTED_GROUP_SIZES}")
+    if K % group_size:
+        fail(op, f"K={K} is not a multiple of group_size={group_size}")
+    check_shape(op, "a_scale", a_scale, (R, 1), "[R, 1] fp32 per-row scales")
+    check_shape(op, "expert_offsets", expert_offsets, (E + 1,), "[E + 1] int64 cumulative row offsets")
+    if w_chan_scale is None:
+        check_dtype(op, "w_scale", w_scale, torch.bfloat16)
+    else:
+        check_dtype(op, "w_scale", w_scale, FP8)
+        check_dtype(op, "w_chan_scale", w_chan_scale, torch.float32)
+        check_shape(op, "w_chan_scale", w_chan_scale, (E, N, 1), "[E, N, 1] fp32 channel scales")
+        check_contiguous(op, "w_chan_scale", w_chan_scale)
+    check_shape(op, "w_scale", w_scale, (E, N, K // group_size), "[E, N, K // group_size] group scales")
+    check_contiguous(op, "w_scale", w_scale)
+    check_contiguous(op, "a_scale", a_scale)
+
+
+def _check_offset_values(op: str, offsets: Tensor, total: int, what: str = "rows") -> None:
+    if not value_checks_enabled(offsets):
+        return
+    off = offsets.cpu()
+    if off.numel() and int(off[0]) != 0:
+        fail(op, f"expert_offsets[0] must be 0, got {int(off[0])}")
+    if off.numel() and int(off[-1]) != total:
+        fail(op, f"expert_offsets[-1] must equal the number of {what} ({total}), got {int(off[-1])}")
+    if off.numel() > 1 and bool((off[1:] < off[:-1]).any()):
+        fail(op, "expert_offsets must be non-decreasing (cumulative row counts per expert)")
+
+
+@torch.library.custom_op("w4a8::grouped_gemm", mutates_args=())
+def grouped_gemm(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, w_chan_scale: Tensor | None,
+                 expert_offsets: Tensor, group_size: int) -> Tensor:
+    """out[r, n] = a_scale[r] * chan[e, n] * sum_g s[e, n, g] * sum_{k in g} a[r, k] * q[e, n, k]."""
+    raise NotImplementedError(f"w4a8::grouped_gemm has no kernel for {a.device}")
+
+
+@grouped_gemm.register_fake
+def _(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_size):
+    _check_grouped_gemm(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_size)
+    return a.new_empty((a.shape[0], w.shape[1]), dtype=torch.bfloat16)
+
+
+@grouped_gemm.register_kernel("cpu")
+def _(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_size):
+    _check_grouped_gemm(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_size)
+    _check_offset_values("grouped_gemm", expert_offsets, a.shape[0])
+    q = formats.decode_gemm_layout(w)
+    return reference.grouped_gemm(a, a_scale, q, w_scale, w_chan_scale, expert_offsets,
+                                  group_size).to(torch.bfloat16)
+
+
+@grouped_gemm.register_kernel("cuda")
+def _(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_size):
+    _check_grouped_gemm(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_size)
+    _check_offset_values("grouped_gemm", expert_offsets, a.shape[0])
+    return _launcher("grouped_gemm").grouped_gemm(a, a_scale, w, w_scale, w_chan_scale,
+                                                  expert_offsets, group_size)
+
+
+# ============================================================================================
+# MoE plumbing: routing, sort by expert, gather, combine
+# ============================================================================================
+def _check_select_experts(router_logits, correction_bias, top_k, scoring, n_group, topk_group):
+    op = "select_experts"
+    check_dtype(op, "router_logits", router_logits, torch.bfloat16, torch.float16, torch.float32)
+    check_rank(op, "router_logits", router_logits, 2, "[T, E] router logits")
+    E = router_logits.shape[1]
+    if scoring not in SCORING_FUNCTIONS:
+        fail(op, f"scoring={scoring!r} is not supported; use one of {SCORING_FUNCTIONS}")
+    if not 1 <= top_k <= E:
+        fail(op, f"top_k={top_k} must be in [1, E={E}]")
+    if correction_bias is not None:
+        check_dtype(op, "correction_bias", correction_bias, torch.float32, torch.bfloat16)
+        check_shape(op, "correction_bias", correction_bias, (E,), "[E] e_score_correction_bias")
+        check_same_device(op, router_logits=router_logits, correction_bias=correction_bias)
+    if n_group:
+        if E % n_group:
+            fail(op, f"E={E} is not a multiple of n_group={n_group}")
+        if not 1 <= topk_group <= n_group:
+            fail(op, f"topk_group={topk_group} must be in [1, n_group={n_group}]")
+        if top_k > topk_group * (E // n_group):
+            fail(op, f"top_k={top_k} exceeds the experts in the {topk_group} selected groups")
+
+
+@torch.library.custom_op("w4a8::select_experts", mutates_args=())
+def select_experts(router_logits: Tensor, correction_bias: Tensor | None, top_k: int, scoring: str,
+                   renormalize: bool, n_group: int, topk_group: int,
+                   routed_scaling_factor: float) -> tuple[Tensor, Tensor]:
+    """[T, E] logits -> (fp32 [T, top_k] weights, int32 [T, top_k] expert ids); vLLM FusedMoE routing.
+
+    n_group = 0 means no grouped top-k.
+    """
+    raise NotImplementedError(f"w4a8::select_experts has no kernel for {router_logits.device}")
+
+
+@select_experts.register_fake
+def _(router_logits, correction_bias, top_k, scoring, renormalize, n_group, topk_group, routed_scaling_factor):
+    _check_select_experts(router_logits, correction_bias, top_k, scoring, n_group, topk_group)
+    T = router_logits.shape[0]
+    return (router_logits.new_empty((T, top_k), dtype=torch.float32),
+            router_logits.new_empty((T, top_k), dtype=torch.int32))
+
+
+@select_experts.register_kernel("cpu")
+def _(router_logits, correction_bias, top_k, scoring, renormalize, n_group, topk_group, routed_scaling_factor):
+    _check_select_experts(router_logits, correction_bias, top_k, scoring, n_group, topk_group)
+    return reference.select_experts(router_logits, correction_bias, top_k, scoring, renormalize,
+                                    n_group, topk_group, routed_scaling_factor)
+
+
+@select_experts.register_kernel("cuda")
+def _(router_logits, correction_bias, top_k, scoring, renormalize, n_group, topk_group, routed_scaling_factor):
+    _check_select_experts(router_logits, correction_bias, top_k, scoring, n_group, topk_group)
+    return _launcher("routing").select_experts(router_logits, correction_bias, top_k, scoring,
+                                               renormalize, n_group, topk_group, routed_scaling_factor)
+
+
+def _check_sort(topk_ids: Tensor, num_experts: int) -> None:
+    op = "sort_by_expert"
+    check_dtype(op, "topk_ids", topk_ids, torch.int32)
+    check_rank(op, "topk_ids", topk_ids, 2, "[T, top_k] expert ids")
+    check_contiguous(op, "topk_ids", topk_ids)
+    if num_experts < 1:
+        fail(op, f"num_experts={num_experts} must be >= 1")
+    if value_checks_enabled(topk_ids) and topk_ids.numel():
+        lo, hi = int(topk_ids.min()), int(topk_ids.max())
+        if lo < 0 or hi >= num_experts:
+            fail(op, f"topk_ids holds expert ids in [{lo}, {hi}], outside [0, {num_experts})")
+
+
+@torch.library.custom_op("w4a8::sort_by_expert", mutates_args=())
+def sort_by_expert(topk_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """[T, k] ids -> (sorted_rows int32 [T*k], flat_to_sorted int32 [T, k], expert_offsets int64 [E+1]).
+
+    sorted_rows[r] is the flat index t * k + j of the (token, slot) that sorted row r holds, rows
+    grouped by expert in ascending order, stable within an expert; flat_to_sorted is its inverse.
+    """
+    raise NotImplementedError(f"w4a8::sort_by_expert has no kernel for {topk_ids.device}")
+
+
+@sort_by_expert.register_fake
+def _(topk_ids, num_experts):
+    _check_sort(topk_ids, num_experts)
+    return (topk_ids.new_empty((topk_ids.numel(),), dtype=torch.int32),
+            topk_ids.new_empty(topk_ids.shape, dtype=torch.int32),
+            topk_ids.new_empty((num_experts + 1,), dtype=torch.int64))
+
+
+@sort_by_expert.register_kernel("cpu")
+def _(topk_ids, num_experts):
+    _check_sort(topk_ids, num_experts)
+    return reference.sort_by_expert(topk_ids, num_experts)
+
+
+@sort_by_expert.register_kernel("cuda")
+def _(topk_ids, num_experts):
+    _check_sort(topk_ids, num_experts)
+    return _launcher("moe_sort").sort_by_expert(topk_ids, num_experts)
+
+
+def _check_gather(xq: Tensor, x_scale: Tensor, sorted_rows: Tensor, top_k: int) -> None:
+    op = "gather_rows_fp8"
+    check_dtype(op, "xq", xq, FP8)
+    check_rank(op, "xq", xq, 2, "[T, K] fp8 tokens")
+    check_contiguous(op, "xq", xq)
+    check_dtype(op, "x_scale", x_scale, torch.float32)
+    check_shape(op, "x_scale", x_scale, (xq.shape[0], 1), "[T, 1] fp32")
+    check_dtype(op, "sorted_rows", sorted_rows, torch.int32)
+    check_shape(op, "sorted_rows", sorted_rows, (xq.shape[0] * top_k,), "[T * top_k] int32")
+    check_same_device(op, xq=xq, x_scale=x_scale, sorted_rows=sorted_rows)
+    if top_k < 1:
+        fail(op, f"top_k={top_k} must be >= 1")
+
+
+@torch.library.custom_op("w4a8::gather_rows_fp8", mutates_args=())
+def gather_rows_fp8(xq: Tensor, x_scale: Tensor, sorted_rows: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """a[r] = xq[sorted_rows[r] // top_k], with its scale: the GEMM's expert-sorted input rows."""
+    raise NotImplementedError(f"w4a8::gather_rows_fp8 has no kernel for {xq.device}")
+
+
+@gather_rows_fp8.register_fake
+def _(xq, x_scale, sorted_rows, top_k):
+    _check_gather(xq, x_scale, sorted_rows, top_k)
+    R = sorted_rows.shape[0]
+    return xq.new_empty((R, xq.shape[1])), x_scale.new_empty((R, 1))
+
+
+@gather_rows_fp8.register_kernel("cpu")
+def _(xq, x_scale, sorted_rows, top_k):
+    _check_gather(xq, x_scale, sorted_rows, top_k)
+    return reference.gather_rows_fp8(xq, x_scale, sorted_rows, top_k)
+
+
+@gather_rows_fp8.register_kernel("cuda")
+def _(xq, x_scale, sorted_rows, top_k):
+    _check_gather(xq, x_scale, sorted_rows, top_k)
+    return _launcher("moe_gather").gather_rows_fp8(xq, x_scale, sorted_rows, top_k)
+
+
+def _check_combine(y: Tensor, flat_to_sorted: Tensor, topk_weights: Tensor) -> None:
+    op = "combine"
+    check_dtype(op, "y", y, torch.bfloat16)
+    check_rank(op, "y", y, 2, "[T * top_k, H] expert outputs, sorted by expert")
+    check_contiguous(op, "y", y)
+    check_dtype(op, "flat_to_sorted", flat_to_sorted, torch.int32)
+    check_rank(op, "flat_to_sorted", flat_to_sorted, 2, "[T, top_k] int32")
+    check_dtype(op, "topk_weights", topk_weights, torch.float32)
+    check_shape(op, "topk_weights", topk_weights, tuple(flat_to_sorted.shape), "[T, top_k] fp32")
+    check_same_device(op, y=y, flat_to_sorted=flat_to_sorted, topk_weights=topk_weights)
+    if y.shape[0] != flat_to_sorted.numel():
+        fail(op, f"y has {y.shape[0]} rows but flat_to_sorted holds {flat_to_sorted.numel()} "
+                 f"(T * top_k); they must match")
+
+
+@torch.library.custom_op("w4a8::combine", mutates_args=())
+def combine(y: Tensor, flat_to_sorted: Tensor, topk_weights: Tensor) -> Tensor:
+    """out[t] = sum_j topk_weights[t, j] * y[flat_to_sorted[t, j]] in fp32, stored bf16 [T, H]."""
+    raise NotImplementedError(f"w4a8::combine has no kernel for {y.device}")
+
+
+@combine.register_fake
+def _(y, flat_to_sorted, topk_weights):
+    _check_combine(y, flat_to_sorted, topk_weights)
+    return y.new_empty((flat_to_sorted.shape[0], y.shape[1]))
+
+
+@combine.register_kernel("cpu")
+def _(y, flat_to_sorted, topk_weights):
+    _check_combine(y, flat_to_sorted, topk_weights)
+    return reference.combine(y, flat_to_sorted, topk_weights).to(torch.bfloat16)
+
+
+@combine.register_kernel("cuda")
+def _(y, flat_to_sorted, topk_weights):
+    _check_combine(y, flat_to_sorted, topk_weights)
+    return _launcher("moe_combine").combine(y, flat_to_sorted, topk_weights)

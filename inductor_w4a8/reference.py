@@ -1,0 +1,96 @@
+"""The MoE math in pure torch, fp32/fp64: what every kernel is checked against.
+
+These functions take plain tensors (no layout tricks beyond `formats`), run on any device, and
+make no attempt to be fast. The CPU kernels of the ops call them too.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import formats
+
+
+def grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, q: torch.Tensor, w_scale: torch.Tensor,
+                 w_chan_scale: torch.Tensor | None, expert_offsets: torch.Tensor,
+                 group_size: int) -> torch.Tensor:
+    """fp64 [R, N]: out[r, n] = a_scale[r] * sum_k a[r, k] * q[e, n, k] * s_eff[e, n, k // G].
+
+    `q` is int8 [E, N, K] in natural K order (decode the GEMM layout first).
+    """
+    E, N, K = q.shape
+    R = a.shape[0]
+    out = torch.zeros((R, N), dtype=torch.float64, device=a.device)
+    offsets = [min(max(int(o), 0), R) for o in expert_offsets.tolist()]
+    s = formats.effective_group_scales(w_scale, w_chan_scale).double()
+    for e in range(E):
+        start, end = offsets[e], max(offsets[e + 1], offsets[e])
+        if end <= start:
+            continue
+        w = q[e].double() * s[e].repeat_interleave(group_size, dim=-1)
+        out[start:end] = (a[start:end].double() @ w.T) * a_scale[start:end].double()
+    return out
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """fp32 silu(x[:, :I]) * x[:, I:]."""
+    half = x.shape[-1] // 2
+    return F.silu(x[..., :half].float()) * x[..., half:].float()
+
+
+def silu_mul_quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return formats.quantize_fp8_per_token(silu_mul(x))
+
+
+def select_experts(router_logits: torch.Tensor, correction_bias: torch.Tensor | None, top_k: int,
+                   scoring: str, renormalize: bool, n_group: int, topk_group: int,
+                   routed_scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM FusedMoE routing -> (fp32 [T, k] weights, int32 [T, k] ids).
+
+    The bias (sigmoid scoring) changes which experts are chosen, never their weights.
+    """
+    logits = router_logits.float()
+    T, E = logits.shape
+    scores = torch.softmax(logits, dim=-1) if scoring == "softmax" else torch.sigmoid(logits)
+    choice = scores if correction_bias is None else scores + correction_bias.float()
+    if n_group:
+        per_group = choice.view(T, n_group, E // n_group)
+        if correction_bias is not None:
+            group_scores = per_group.topk(min(2, E // n_group), dim=-1).values.sum(dim=-1)
+        else:
+            group_scores = per_group.amax(dim=-1)
+        groups = group_scores.topk(topk_group, dim=-1).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, groups, True)
+        keep = keep.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
+        choice = choice.masked_fill(~keep, float("-inf"))
+    ids = choice.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return (weights * routed_scaling_factor).float(), ids.to(torch.int32)
+
+
+def sort_by_expert(topk_ids: torch.Tensor, num_experts: int):
+    """Stable counting sort of the (token, slot) pairs by expert id (ids clamped into range)."""
+    flat = topk_ids.reshape(-1).long().clamp(0, num_experts - 1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return order.to(torch.int32), inverse.view(topk_ids.shape).to(torch.int32), offsets
+
+
+def gather_rows_fp8(xq: torch.Tensor, x_scale: torch.Tensor, sorted_rows: torch.Tensor, top_k: int):
+    tokens = (sorted_rows.long() // top_k).clamp(0, max(xq.shape[0] - 1, 0))
+    rows = xq.view(torch.uint8).index_select(0, tokens).view(xq.dtype)
+    return rows, x_scale.index_select(0, tokens)
+
+
+def combine(y: torch.Tensor, flat_to_sorted: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """fp32 [T, H]: out[t] = sum_j topk_weights[t, j] * y[flat_to_sorted[t, j]]."""
+    T, k = flat_to_sorted.shape
+    idx = flat_to_sorted.long().clamp(0, max(y.shape[0] - 1, 0)).reshape(-1)
+    rows = y.float().index_select(0, idx).view(T, k, y.shape[1])
+    return (rows * topk_weights.float().unsqueeze(-1)).sum(dim=1)
