@@ -83,31 +83,69 @@ def uint4b8_to_signed_int4(packed: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # The GEMM layout (ours): what `w4a8::encode_and_reorder_int4b_grouped` returns
 # --------------------------------------------------------------------------------------------
-# Layout v1: int32 [E, N, K // 8], row-major, signed two's-complement nibbles; within each
-# word, nibble position p holds K offset GEMM_NIBBLE_ORDER[p] of that word's 8 weights.
-# The strides tensor is int64 [E, 3] = (expert, n, k-word) strides in int32 elements.
-GEMM_NIBBLE_ORDER = (0, 1, 2, 3, 4, 5, 6, 7)
+# Layout v3 ("32-chunk interleaved"), what the Triton grouped GEMM reads fastest:
+#   int32 [E, N, K // 8], row-major and contiguous (per-expert strides (N * K // 8, K // 8, 1) in
+#   int32 elements, as `gemm_layout_strides` returns); K must be a multiple of 32 (the smallest
+#   group size). Each run of 32 K values of a row (one "chunk", 4 words) is stored as:
+#       word w (0..3) of chunk j, nibble p (bits 4p..4p+3):
+#           p = 0..3  ->  K = 32 j + 4 w + p
+#           p = 4..7  ->  K = 32 j + 16 + 4 w + (p - 4)
+#   and every nibble holds q as two's-complement int4 (the signed form, not uint4b8).
+#   (GEMM_CHUNK = 32; `_to_gemm_order` / `_from_gemm_order` give the permutation as tensor ops.)
+#
+# Why (kernels/grouped_gemm.py, docs/perf.md): the kernel feeds the converted weights to Hopper's
+# fp8 wgmma as the register operand. There a thread holds, per 32-wide K slice and row, the fp8
+# values of K = 4t..4t+3 in one register and K = 16+4t..16+4t+3 in another (t = lane % 4). With
+# this layout one loaded 32-bit word is exactly those 8 weights, low 16 bits -> first register,
+# high 16 bits -> second, so no shuffles or byte permutes are needed after the convert. The
+# convert itself is a byte lookup (CUTLASS's trick): PRMT uses each nibble's low 3 bits as a byte
+# index into an 8-byte table of e4m3(0..7) and into one of e4m3(-8..-1), and a third PRMT picks
+# per byte by the sign bit (moved into the selector with one shift + LOP3): about 11
+# instructions per 8 weights, no int -> float converts, q exact in fp8.
+# The layout does not depend on the group size (the encode op is not told it): chunks of 32
+# tile every group of 32, 64 or 128.
+GEMM_CHUNK = 32
 GEMM_NIBBLES_BIASED = False
 
 
+def _check_chunk(K: int) -> None:
+    if K % GEMM_CHUNK:
+        raise ValueError(f"the GEMM weight layout needs K to be a multiple of {GEMM_CHUNK} (the smallest "
+                         f"group size), got K={K}; pad K up to a multiple of {GEMM_CHUNK}")
+
+
+def _to_gemm_order(q: torch.Tensor) -> torch.Tensor:
+    """int q [..., K] in natural K order -> the same values in layout-v3 nibble-stream order."""
+    lead, K = q.shape[:-1], q.shape[-1]
+    # k = 32 j + 16 h + 4 w + b  ->  stream position 32 j + 8 w + 4 h + b
+    q = q.reshape(*lead, K // GEMM_CHUNK, 2, 4, 4).transpose(-3, -2)
+    return q.reshape(*lead, K)
+
+
+def _from_gemm_order(q: torch.Tensor) -> torch.Tensor:
+    lead, K = q.shape[:-1], q.shape[-1]
+    q = q.reshape(*lead, K // GEMM_CHUNK, 4, 2, 4).transpose(-3, -2)
+    return q.reshape(*lead, K)
+
+
 def encode_gemm_layout(signed_packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Signed int32 [E, N, K // 8] -> (GEMM layout weights, int64 [E, 3] strides)."""
+    """Signed int32 [E, N, K // 8] -> (GEMM layout v3 int32 [E, N, K // 8], int64 [E, 3] strides).
+
+    Strides are (expert, n, k-word) strides in int32 elements.
+    """
     q = unpack_int4(signed_packed, biased=False)
     E, N, K = q.shape
-    q = q.reshape(E, N, K // NIBBLES_PER_WORD, NIBBLES_PER_WORD)
-    q = q[..., list(GEMM_NIBBLE_ORDER)].reshape(E, N, K)
-    w = pack_int4(q, biased=GEMM_NIBBLES_BIASED).contiguous()
+    _check_chunk(K)
+    w = pack_int4(_to_gemm_order(q), biased=GEMM_NIBBLES_BIASED).contiguous()
     strides = gemm_layout_strides(E, N, K, device=signed_packed.device)
     return w, strides
 
 
 def decode_gemm_layout(w: torch.Tensor) -> torch.Tensor:
-    """GEMM layout [E, N, K // 8] -> int8 q [E, N, K] in natural K order."""
+    """GEMM layout v3 [E, N, K // 8] -> int8 q [E, N, K] in natural K order."""
     q = unpack_int4(w, biased=GEMM_NIBBLES_BIASED)
-    E, N, K = q.shape
-    inverse = [GEMM_NIBBLE_ORDER.index(i) for i in range(NIBBLES_PER_WORD)]
-    q = q.reshape(E, N, K // NIBBLES_PER_WORD, NIBBLES_PER_WORD)[..., inverse]
-    return q.reshape(E, N, K)
+    _check_chunk(q.shape[-1])
+    return _from_gemm_order(q)
 
 
 def gemm_layout_shape(E: int, N: int, K: int) -> tuple[int, int, int]:

@@ -89,8 +89,68 @@ def gather_rows_fp8(xq: torch.Tensor, x_scale: torch.Tensor, sorted_rows: torch.
 
 
 def combine(y: torch.Tensor, flat_to_sorted: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-    """fp32 [T, H]: out[t] = sum_j topk_weights[t, j] * y[flat_to_sorted[t, j]]."""
+    """fp32 [T, H]: out[t] = sum_j topk_weights[t, j] * y[flat_to_sorted[t, j]].
+
+    Summed in fp64 in the order j = 0..k-1 and rounded once to fp32: the products of fp32
+    weights and bf16 values are exact in fp64, so this is the bit pattern every device's kernel
+    gives (fused multiply-adds cannot change it).
+    """
     T, k = flat_to_sorted.shape
-    idx = flat_to_sorted.long().clamp(0, max(y.shape[0] - 1, 0)).reshape(-1)
-    rows = y.float().index_select(0, idx).view(T, k, y.shape[1])
-    return (rows * topk_weights.float().unsqueeze(-1)).sum(dim=1)
+    idx = flat_to_sorted.long().clamp(0, max(y.shape[0] - 1, 0))
+    out = torch.zeros((T, y.shape[1]), dtype=torch.float64, device=y.device)
+    for j in range(k):
+        out += topk_weights[:, j].double().unsqueeze(-1) * y.index_select(0, idx[:, j]).double()
+    return out.float()
+
+
+def moe_forward(hidden_states: torch.Tensor, router_logits: torch.Tensor, w13_q: torch.Tensor,
+                w13_scale: torch.Tensor, w2_q: torch.Tensor, w2_scale: torch.Tensor, *, top_k: int,
+                group_size: int, w13_chan_scale: torch.Tensor | None = None,
+                w2_chan_scale: torch.Tensor | None = None, scoring: str = "softmax",
+                renormalize: bool = True, n_group: int = 0, topk_group: int = 0,
+                routed_scaling_factor: float = 1.0, correction_bias: torch.Tensor | None = None,
+                routing: tuple[torch.Tensor, torch.Tensor] | None = None,
+                quantize_activations: bool = True, bf16_intermediates: bool = True) -> torch.Tensor:
+    """The whole W4A8 MoE block in fp64 (silu * mul in fp32): [T, H] -> fp64 [T, H].
+
+    w13_q int8 [E, 2I, H] and w2_q int8 [E, H, I] in natural K order (`formats.unpack_int4`), with
+    their group scales (bf16, or fp8 with fp32 channel scales [E, N, 1]: `formats.
+    effective_group_scales`). Steps: routing (`select_experts`, or the given (weights, ids)) ->
+    per-token fp8 quantization of the hidden states -> w13 GEMM -> silu(gate) * up -> fp8
+    quantization -> w2 GEMM -> sum over the top_k slots of weight * expert output.
+
+    quantize_activations=False skips both fp8 activation quantizations (the weight-only-int4
+    answer). bf16_intermediates=True rounds each GEMM output to bf16, where the ops store it, so
+    the CPU ops reproduce this up to summation order. Each expert's tokens are found by looping
+    over experts: plain, slow and independent of the sort the ops use.
+    """
+    T, H = hidden_states.shape
+    E = w13_q.shape[0]
+    if routing is None:
+        routing = select_experts(router_logits, correction_bias, top_k, scoring, renormalize,
+                                 n_group, topk_group, routed_scaling_factor)
+    weights, ids = routing
+
+    def activations(x: torch.Tensor) -> torch.Tensor:
+        if not quantize_activations:
+            return x.double()
+        q, s = formats.quantize_fp8_per_token(x)
+        return q.double() * s.double()
+
+    def rounded(x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.bfloat16) if bf16_intermediates else x
+
+    w13 = w13_q.double() * formats.expand_group_scales(
+        formats.effective_group_scales(w13_scale, w13_chan_scale), group_size).double()
+    w2 = w2_q.double() * formats.expand_group_scales(
+        formats.effective_group_scales(w2_scale, w2_chan_scale), group_size).double()
+    x = activations(hidden_states)
+    out = torch.zeros((T, H), dtype=torch.float64, device=hidden_states.device)
+    for e in range(E):
+        tokens, slots = (ids.long() == e).nonzero(as_tuple=True)
+        if tokens.numel() == 0:
+            continue
+        h = rounded(x[tokens] @ w13[e].T)
+        y = rounded(activations(silu_mul(h)) @ w2[e].T)
+        out.index_add_(0, tokens, weights[tokens, slots].double().unsqueeze(-1) * y.double())
+    return out

@@ -70,3 +70,76 @@ def random_expert_offsets(R: int, E: int, *, empty_experts: int = 0, generator=N
     counts = torch.distributions.Multinomial(total_count=R, probs=weights / weights.sum()).sample().long() \
         if R else torch.zeros(E, dtype=torch.long)
     return torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+
+
+@contextlib.contextmanager
+def poisoned_empty():
+    """Every `torch.empty` / `torch.empty_like` in the block returns a poisoned tensor (`poison_`),
+    so an output element a kernel fails to write shows up as NaN or a sentinel."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poisoned(*args, **kwargs):
+        return poison_(empty(*args, **kwargs))
+
+    def poisoned_like(*args, **kwargs):
+        return poison_(empty_like(*args, **kwargs))
+
+    with unittest.mock.patch.object(torch, "empty", poisoned), \
+            unittest.mock.patch.object(torch, "empty_like", poisoned_like):
+        yield
+
+
+def routing_choice_scores(router_logits: torch.Tensor, correction_bias: torch.Tensor | None,
+                          scoring: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp64 (scores, choice) of vLLM routing: scores weigh the experts, choice = scores + bias picks them."""
+    logits = router_logits.double().cpu()
+    scores = torch.softmax(logits, dim=-1) if scoring == "softmax" else torch.sigmoid(logits)
+    choice = scores if correction_bias is None else scores + correction_bias.double().cpu()
+    return scores, choice
+
+
+def assert_valid_routing(weights: torch.Tensor, ids: torch.Tensor, router_logits: torch.Tensor,
+                         correction_bias: torch.Tensor | None, top_k: int, scoring: str,
+                         renormalize: bool, n_group: int, topk_group: int,
+                         routed_scaling_factor: float, *, eps: float = 1e-5) -> None:
+    """Check a routing against vLLM's semantics, accepting any choice among near-ties (|diff| <= eps).
+
+    Kernels compute exp with their own rounding, so when two experts (or two groups) tie to within
+    an ulp, either is right; this checks that the chosen experts are distinct, in range, among the
+    best top_k of the kept groups up to eps, that the kept groups are among the best topk_group up
+    to eps, and that the weights are the chosen experts' scores (renormalized, scaled) to 1e-5.
+    """
+    T, E = router_logits.shape
+    assert weights.shape == (T, top_k) and ids.shape == (T, top_k)
+    assert weights.dtype == torch.float32 and ids.dtype == torch.int32
+    ids = ids.long().cpu()
+    assert bool(((ids >= 0) & (ids < E)).all()), "expert id out of range"
+    if T == 0:
+        return
+    assert bool((ids.sort(dim=1).values.diff(dim=1) != 0).all()), "an expert chosen twice"
+    scores, choice = routing_choice_scores(router_logits, correction_bias, scoring)
+    chosen = torch.zeros(T, E, dtype=torch.bool).scatter_(1, ids, True)
+    candidates = torch.ones(T, E, dtype=torch.bool)
+    if n_group and topk_group < n_group:
+        per_group = choice.view(T, n_group, E // n_group)
+        if correction_bias is not None:
+            gs = per_group.topk(min(2, E // n_group), dim=-1).values.sum(dim=-1)
+        else:
+            gs = per_group.amax(dim=-1)
+        ranked = gs.sort(dim=-1, descending=True).values
+        used = chosen.view(T, n_group, -1).any(dim=-1)
+        assert bool((used.sum(dim=-1) <= topk_group).all()), "experts from too many groups"
+        last_kept = ranked[:, topk_group - 1 : topk_group]
+        first_dropped = ranked[:, topk_group : topk_group + 1]
+        assert bool((gs[used] >= last_kept.expand_as(gs)[used] - eps).all()), "a group that is not among the best"
+        surely_kept = gs > first_dropped + eps
+        candidates = (surely_kept | used).unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
+    worst_chosen = torch.where(chosen, choice, torch.inf).amin(dim=-1)
+    best_other = torch.where(candidates & ~chosen, choice, -torch.inf).amax(dim=-1)
+    bad = worst_chosen < best_other - eps
+    assert not bool(bad.any()), f"rows {bad.nonzero().flatten()[:8].tolist()} skip a better expert"
+    expect = scores.gather(1, ids)
+    if renormalize:
+        expect = expect / expect.sum(dim=-1, keepdim=True)
+    expect = expect * routed_scaling_factor
+    torch.testing.assert_close(weights.double().cpu(), expect, rtol=1e-5, atol=1e-6)

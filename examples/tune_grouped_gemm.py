@@ -1,0 +1,211 @@
+"""Device session script for the W4A8 grouped GEMM: correctness, SASS, tile variants, peers.
+
+    python examples/tune_grouped_gemm.py [--quick] [--variants ...]
+
+1. correctness of the Triton kernel (asm and plain-op int4 unpack) against an fp32 reference
+   on the GPU, small odd shapes and GLM-4.6 shapes (reference on a subset of experts);
+2. the compiled kernel's resources and SASS instruction counts (QGMMA present?);
+3. times of tile variants on the GLM-4.6 GEMMs (w13 + w2) at several M, beside FBGEMM.
+Writes logs to $OUT when set.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+
+import torch
+
+import inductor_w4a8  # noqa: F401
+from inductor_w4a8 import bench, formats
+from inductor_w4a8.launch import grouped_gemm as gg
+from inductor_w4a8.launch.gemm_tiles import GemmTile, choose_tile
+
+OUT = os.environ.get("OUT", ".")
+LOG = open(os.path.join(OUT, "tune_log.txt"), "a")
+
+
+def log(*args):
+    msg = " ".join(str(a) for a in args)
+    print(msg, flush=True)
+    LOG.write(msg + "\n")
+    LOG.flush()
+
+
+def reference_fp32(a, a_scale, w, s, chan, offsets, G, experts=None):
+    """fp32 reference (no TF32) for the experts listed (all by default); NaN rows elsewhere."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    R, K = a.shape
+    E, N, _ = w.shape
+    ref = torch.full((R, N), float("nan"), device=a.device)
+    seff = formats.effective_group_scales(s, chan)
+    off = offsets.tolist()
+    for e in (range(E) if experts is None else experts):
+        lo, hi = off[e], off[e + 1]
+        if hi <= lo:
+            continue
+        q = formats.decode_gemm_layout(w[e:e + 1])[0].float()
+        wd = q * seff[e].float().repeat_interleave(G, dim=-1)
+        ref[lo:hi] = (a[lo:hi].float() @ wd.T) * a_scale[lo:hi]
+    return ref
+
+
+def rel_err_rows(out, ref):
+    keep = ~torch.isnan(ref[:, 0]) if ref.shape[1] else torch.zeros(0, dtype=torch.bool)
+    o, r = out[keep].double(), ref[keep].double()
+    if not torch.isfinite(o).all():
+        return float("inf")
+    return ((o - r).norm() / r.norm().clamp_min(1e-30)).item()
+
+
+def check_correctness(quick=False):
+    dev = torch.device("cuda")
+    torch.manual_seed(1)
+    cases = [  # (R, E, N, K, G, empty)
+        (1, 1, 64, 128, 128, 0), (37, 7, 200, 384, 128, 2), (513, 7, 200, 352, 32, 1),
+        (512, 60, 136, 192, 64, 10), (511, 160, 72, 256, 128, 40), (0, 5, 64, 128, 128, 0),
+        (8191, 60, 264, 512, 128, 3), (8192, 7, 3072, 640, 128, 0),
+    ]
+    ok = True
+    for (R, E, N, K, G, empty) in cases:
+        wt = bench.random_weights(E, N, K, G, dev)
+        a, asc = bench.random_activations(R, K, dev)
+        from inductor_w4a8.testing import random_expert_offsets
+        off = random_expert_offsets(R, E, empty_experts=empty).to(dev)
+        for mode in ("fp8", "exact"):
+            s, c = (wt.s_fp8, wt.chan) if mode == "fp8" else (wt.s_bf16, None)
+            ref = reference_fp32(a, asc, wt.w, s, c, off, G)
+            for use_asm, corr in ((True, 1), (True, 0), (False, 1)):
+                torch.empty(R * N + 1024, dtype=torch.bfloat16, device=dev).fill_(float("nan"))
+                t = choose_tile(R, N, K, E, G)
+                t = GemmTile(t.block_m, t.block_n, t.num_warps, t.num_stages, t.programs_per_sm, corr)
+                out = gg.grouped_gemm(a, asc, wt.w, s, c, off, G, use_asm=use_asm, tile=t)
+                err = rel_err_rows(out, ref) if R else 0.0
+                good = err <= 3e-3
+                ok &= good
+                log(f"check R={R} E={E} N={N} K={K} G={G} empty={empty} {mode} asm={use_asm}: "
+                    f"corr={corr} rel_err={err:.2e} {'OK' if good else 'FAIL'}")
+    # GLM-4.6 w13 / w2 at 8192 tokens, reference on 6 experts
+    for (N, K) in ((3072, 5120), (5120, 1536)):
+        wt = bench.random_weights(160, N, K, 128, dev)
+        off = bench.route(8192, 160, 8, dev)
+        a, asc = bench.random_activations(8192 * 8, K, dev)
+        experts = [0, 1, 77, 158, 159, int(torch.argmax(off[1:] - off[:-1]))]
+        apos = (a.view(torch.uint8) & 0x7F).view(a.dtype)   # all >= 0: worst case for the -8 * sum(a)
+        for mode, aa, corr in (("fp8", a, None), ("exact", a, None), ("fp8+", apos, 1), ("fp8+", apos, 0)):
+            s, c = (wt.s_fp8, wt.chan) if mode != "exact" else (wt.s_bf16, None)
+            t = choose_tile(aa.shape[0], N, K, 160, 128)
+            if corr is not None:
+                t = GemmTile(t.block_m, t.block_n, t.num_warps, t.num_stages, t.programs_per_sm, corr)
+            out = gg.grouped_gemm(aa, asc, wt.w, s, c, off, 128, tile=t)
+            ref = reference_fp32(aa, asc, wt.w, s, c, off, 128, experts)
+            err = rel_err_rows(out, ref)
+            fin = bool(torch.isfinite(out.float()).all())
+            good = err <= 3e-3 and fin
+            ok &= good
+            log(f"check GLM N={N} K={K} 8192 tok {mode} corr={corr}: rel_err={err:.2e} finite={fin} "
+                f"{'OK' if good else 'FAIL'}")
+    return ok
+
+
+def inspect_sass(tag):
+    k = gg.LAST_COMPILED
+    if k is None:
+        return
+    info = {"tag": tag, "n_regs": getattr(k, "n_regs", None), "n_spills": getattr(k, "n_spills", None),
+            "shared": getattr(k, "metadata", None) and getattr(k.metadata, "shared", None)}
+    try:
+        ttgir = k.asm["ttgir"]
+        info["wgmma"] = len(re.findall(r"warp_group_dot", ttgir))
+        m = re.search(r"ttng\.warp_group_dot\s+(%\S+),\s*(%\S+)", ttgir)
+        info["dot_line"] = next((l.strip()[:300] for l in ttgir.splitlines() if "warp_group_dot " in l), "")
+        with open(os.path.join(OUT, f"ttgir_{tag}.mlir"), "w") as f:
+            f.write(ttgir)
+    except Exception as exc:  # noqa: BLE001
+        info["ttgir_err"] = repr(exc)
+    try:
+        sass = k.asm["sass"]
+        for op in ("QGMMA", "HGMMA", "HMMA", "F2FP", "I2F", "LOP3", "PRMT", "HADD2", "HFMA2", "LDG",
+                   "LDGSTS", "LDS", "STS", "LDSM", "STG", "LDL", "STL", "SHFL", "BAR"):
+            info[op] = len(re.findall(r"\b" + op + r"\b", sass))
+        with open(os.path.join(OUT, f"sass_{tag}.txt"), "w") as f:
+            f.write(sass)
+    except Exception as exc:  # noqa: BLE001
+        info["sass_err"] = repr(exc)
+    log("sass", json.dumps(info))
+
+
+def time_variants(m_list, variants, fb=True, rep=100):
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    E, H, I, k = 160, 5120, 1536, 8
+    gemms = {"w13": (2 * I, H), "w2": (H, I)}
+    weights = {n: bench.random_weights(E, N, K, 128, dev) for n, (N, K) in gemms.items()}
+    peers = {}
+    if fb:
+        for n, (N, K) in gemms.items():
+            try:
+                peers[n] = bench.Peers(E, N, K, dev, want=("fbgemm",))
+            except Exception as exc:  # noqa: BLE001
+                log("fbgemm unavailable", repr(exc)[:300])
+    results = []
+    for M in m_list:
+        R = M * k
+        off = bench.route(M, E, k, dev)
+        acts = {n: bench.random_activations(R, K, dev) for n, (N, K) in gemms.items()}
+        flops = sum(2.0 * R * N * K for N, K in gemms.values())
+        nbytes = sum(bench.gemm_bytes(R, off, N, K) for N, K in gemms.values())
+        fl = bench.floor_us(flops, nbytes)
+        row = {"M": M, "floor": round(fl, 1)}
+        if len(peers) == 2:
+            fns = [peers[n].fns(*acts[n], off)["fbgemm"] for n in gemms]
+            try:
+                row["fbgemm"] = round(bench.do_bench_us(lambda: [f() for f in fns], rep=rep), 1)
+            except Exception as exc:  # noqa: BLE001
+                log("fbgemm failed", repr(exc)[:300])
+        cands = [("auto", None)] + [(v, GemmTile(*map(int, v.split(",")))) for v in variants]
+        for name, tile in cands:
+            if tile is not None and ((tile.block_m <= 32 and M >= 1024) or (tile.block_m >= 128 and M <= 64)):
+                continue
+            per = {}
+            for n, (N, K) in gemms.items():
+                t = tile or choose_tile(R, N, K, E, 128)
+                f = bench.ours_fn(*acts[n], weights[n], off, "fp8", tile=t)
+                try:
+                    f()
+                    per[n] = bench.do_bench_us(f, rep=rep)
+                    if M in (64, 4096) and name in ("auto", "sass"):
+                        inspect_sass(f"{n}_M{M}")
+                except Exception as exc:  # noqa: BLE001
+                    log(f"M={M} {name} {n} failed: {repr(exc)[:400]}")
+            if len(per) == 2:
+                row[name] = round(per["w13"] + per["w2"], 1)
+                row[name + ":w13"] = round(per["w13"], 1)
+        log(json.dumps(row))
+        results.append(row)
+    return results
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--m", type=int, nargs="*", default=[1, 16, 64, 256, 1024, 4096, 8192])
+    p.add_argument("--variants", nargs="*", default=[])
+    p.add_argument("--skip-check", action="store_true")
+    p.add_argument("--no-fbgemm", action="store_true")
+    p.add_argument("--rep", type=int, default=100)
+    args = p.parse_args()
+    log(f"device {torch.cuda.get_device_name()} torch {torch.__version__}")
+    t0 = time.time()
+    if not args.skip_check:
+        ok = check_correctness()
+        log(f"correctness {'PASS' if ok else 'FAIL'} ({time.time() - t0:.0f}s)")
+    res = time_variants(args.m, args.variants, fb=not args.no_fbgemm, rep=args.rep)
+    log(json.dumps(res))
+    log(f"total {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""Benchmark of the W4A8 grouped GEMM on GLM-4.6 MoE shapes: `python -m inductor_w4a8.bench`.
+
+GLM-4.6 MoE layer per GPU: E=160 experts, hidden 5120, moe-intermediate 1536, top-8. Both GEMMs
+of the layer are timed together (w13 [160, 3072, 5120] then w2 [160, 5120, 1536]) at M tokens
+(R = 8 M rows sorted by expert, random balanced-ish routing). Beside ours: bf16
+torch._grouped_mm, fp8 W8A8 torch._scaled_grouped_mm and FBGEMM's CUTLASS f8i4 grouped GEMM
+(torch.ops.fbgemm.f8i4bf16_shuffled_grouped) when importable. Median microseconds
+(triton.testing.do_bench: L2 flushed before every call), TFLOP/s, GB/s, % of the floor
+(max(weight+activation bytes at the HBM rate, FLOPs at the fp8 rate)), ratio to FBGEMM.
+Prints a markdown table, writes JSON and a PNG plot. `--block` also times W4A8MoE.forward when
+inductor_w4a8.moe exists.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+
+import torch
+
+from . import formats
+from .checks import value_checks
+
+E_GLM, HIDDEN_GLM, INTER_GLM, TOPK_GLM = 160, 5120, 1536, 8
+M_LIST = (1, 16, 64, 256, 1024, 4096, 8192)
+HBM_TBPS = 3.0          # measured device-to-device rate of the H100 here (KINDS.md), TB/s
+FP8_TFLOPS = 1421.0     # fp8 dense rate the issue's floor uses, TFLOP/s
+PEER_US = {             # issue 3's table (same H100 kind, torch 2.11), for reference only
+    "bf16": {1: 173, 16: 1533, 64: 2660, 256: 2724, 1024: 2819, 4096: 3345, 8192: 6151},
+    "fp8": {1: 109, 16: 799, 64: 1365, 256: 1403, 1024: 1452, 4096: 2790, 8192: 3493},
+    "fbgemm": {1: 87, 16: 691, 64: 852, 256: 1370, 1024: 1407, 4096: 1685, 8192: 3165},
+}
+
+
+# ------------------------------------------------------------------------------------------
+# Problem construction
+# ------------------------------------------------------------------------------------------
+def route(T: int, E: int, top_k: int, device, generator=None) -> torch.Tensor:
+    """int64 [E + 1] offsets of T tokens routed to top_k distinct random experts each."""
+    ids = torch.rand(T, E, device=device, generator=generator).topk(top_k, dim=1).indices
+    counts = torch.bincount(ids.reshape(-1), minlength=E)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int64)
+
+
+@dataclasses.dataclass
+class Weights:
+    w: torch.Tensor             # int32 [E, N, K // 8] GEMM layout
+    s_bf16: torch.Tensor        # bf16 [E, N, K // G]
+    s_fp8: torch.Tensor         # fp8 [E, N, K // G]
+    chan: torch.Tensor          # fp32 [E, N, 1]
+    group_size: int
+
+    @property
+    def shape(self):
+        E, N, words = self.w.shape
+        return E, N, words * 8
+
+
+def random_weights(E: int, N: int, K: int, group_size: int, device) -> Weights:
+    """Random layout-v2 weights (any int32 is a valid word) and positive group scales."""
+    w = torch.randint(-2**31, 2**31 - 1, (E, N, K // 8), dtype=torch.int32, device=device)
+    s = (torch.rand(E, N, K // group_size, device=device) * 0.01 + 0.002).to(torch.bfloat16)
+    s8, chan = formats.convert_bf16_scales_to_fp8(s)
+    return Weights(w, s, s8, chan, group_size)
+
+
+def random_activations(R: int, K: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    a = (torch.randn(R, K, device=device) * 3).clamp(-448, 448).to(formats.FP8_DTYPE)
+    return a, torch.rand(R, 1, device=device) * 0.01 + 0.001
+
+
+def gemm_bytes(R: int, offsets: torch.Tensor, N: int, K: int) -> int:
+    """Fewest bytes: int4 weights of the experts hit, their scales, fp8 activations, bf16 output."""
+    hit = int((offsets[1:] > offsets[:-1]).sum())
+    return hit * N * (K // 2) + hit * N * (K // 128) * 2 + R * K + R * 4 + R * N * 2
+
+
+def floor_us(flops: float, nbytes: float) -> float:
+    return max(nbytes / (HBM_TBPS * 1e12), flops / (FP8_TFLOPS * 1e12)) * 1e6
+
+
+# ------------------------------------------------------------------------------------------
+# Implementations
+# ------------------------------------------------------------------------------------------
+def ours_fn(a, a_scale, wt: Weights, offsets, scale_mode: str, tile=None):
+    if tile is None:
+        op = torch.ops.w4a8.grouped_gemm
+        if scale_mode == "fp8":
+            return lambda: op(a, a_scale, wt.w, wt.s_fp8, wt.chan, offsets, wt.group_size)
+        return lambda: op(a, a_scale, wt.w, wt.s_bf16, None, offsets, wt.group_size)
+    from .launch.grouped_gemm import grouped_gemm
+    s, c = (wt.s_fp8, wt.chan) if scale_mode == "fp8" else (wt.s_bf16, None)
+    return lambda: grouped_gemm(a, a_scale, wt.w, s, c, offsets, wt.group_size, tile=tile)
+
+
+def _fbgemm_available() -> bool:
+    try:
+        import fbgemm_gpu.experimental.gen_ai  # noqa: F401
+        return hasattr(torch.ops.fbgemm, "f8i4bf16_shuffled_grouped")
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return False
+
+
+class Peers:
+    """bf16 / fp8 torch grouped GEMMs and FBGEMM f8i4 on dense random weights of one GEMM."""
+
+    def __init__(self, E, N, K, device, want=("bf16", "fp8", "fbgemm")):
+        self.E, self.N, self.K = E, N, K
+        w = torch.randn(E, N, K, device=device, dtype=torch.bfloat16) * 0.05
+        self.have = {}
+        if "bf16" in want:
+            self.w_bf16 = w
+            self.have["bf16"] = True
+        if "fp8" in want:
+            amax = w.float().abs().amax(dim=2).clamp_min(1e-6)
+            self.scale_b = (amax / 448.0).float()                               # [E, N]
+            self.w_fp8 = (w.float() / self.scale_b[..., None]).to(formats.FP8_DTYPE)
+            self.have["fp8"] = True
+        if "fbgemm" in want and _fbgemm_available():
+            from fbgemm_gpu.experimental.gen_ai.quantize import quantize_int4_preshuffle
+            wq, (gs, rs) = quantize_int4_preshuffle(w, group_size=128, dtype="fp8")
+            self.fb = (wq, rs, gs)
+            self.have["fbgemm"] = True
+        if "bf16" not in want:
+            del w
+
+    def fns(self, a_fp8, a_scale, offsets):
+        R, K = a_fp8.shape
+        offs32 = offsets[1:].to(torch.int32)
+        sizes32 = (offsets[1:] - offsets[:-1]).to(torch.int32)
+        out = {}
+        if self.have.get("bf16"):
+            a16 = (a_fp8.float() * a_scale).to(torch.bfloat16)
+            wt = self.w_bf16.transpose(1, 2)
+            out["bf16"] = lambda: torch._grouped_mm(a16, wt, offs=offs32, out_dtype=torch.bfloat16)
+        if self.have.get("fp8"):
+            wt8 = self.w_fp8.transpose(1, 2)
+            sa = a_scale.reshape(-1).contiguous()
+            out["fp8"] = lambda: torch._scaled_grouped_mm(a_fp8, wt8, sa, self.scale_b, offs=offs32,
+                                                          out_dtype=torch.bfloat16)
+        if self.have.get("fbgemm"):
+            wq, rs, gs = self.fb
+            xs = a_scale.reshape(-1).contiguous()
+            out["fbgemm"] = lambda: torch.ops.fbgemm.f8i4bf16_shuffled_grouped(a_fp8, wq, xs, rs, gs,
+                                                                              sizes32)
+        return out
+
+
+def do_bench_us(fn, rep=200) -> float:
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median") * 1e3
+
+
+# ------------------------------------------------------------------------------------------
+# The benchmark
+# ------------------------------------------------------------------------------------------
+def run(m_list=M_LIST, scale_mode="fp8", peers=True, group_size=128, rep=200, out_dir=".",
+        block=False, log=print):
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    E, H, I, k = E_GLM, HIDDEN_GLM, INTER_GLM, TOPK_GLM
+    gemms = {"w13": (2 * I, H), "w2": (H, I)}
+    weights = {name: random_weights(E, N, K, group_size, device) for name, (N, K) in gemms.items()}
+    peer = {}
+    if peers:
+        for name, (N, K) in gemms.items():
+            try:
+                peer[name] = Peers(E, N, K, device)
+            except Exception as exc:  # noqa: BLE001
+                log(f"peers for {name} unavailable: {exc!r}")
+    rows = []
+    for M in m_list:
+        R = M * k
+        offsets = route(M, E, k, device)
+        acts = {name: random_activations(R, K, device) for name, (N, K) in gemms.items()}
+        flops = sum(2.0 * R * N * K for N, K in gemms.values())
+        nbytes = sum(gemm_bytes(R, offsets, N, K) for N, K in gemms.values())
+        fl = floor_us(flops, nbytes)
+        impls = {"ours": [ours_fn(*acts[n], weights[n], offsets, scale_mode) for n in gemms]}
+        for name in gemms:
+            if name in peer:
+                for key, fn in peer[name].fns(*acts[name], offsets).items():
+                    impls.setdefault(key, []).append(fn)
+        row = {"M": M, "R": R, "flops": flops, "bytes": nbytes, "floor_us": fl}
+        with value_checks(False):
+            for key, fns in impls.items():
+                if len(fns) != len(gemms):
+                    continue
+
+                def both(fns=fns):
+                    for f in fns:
+                        f()
+                try:
+                    us = do_bench_us(both, rep=rep)
+                except Exception as exc:  # noqa: BLE001
+                    log(f"M={M} {key} failed: {exc!r}"[:300])
+                    continue
+                row[key] = us
+        rows.append(row)
+        log(json.dumps({k2: (round(v, 2) if isinstance(v, float) else v) for k2, v in row.items()}))
+    block_rows = time_block(m_list, log) if block else []
+    table = markdown_table(rows)
+    log(table)
+    os.makedirs(out_dir, exist_ok=True)
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": __import__("triton").__version__, "scale_mode": scale_mode,
+            "group_size": group_size}
+    with open(os.path.join(out_dir, "bench_grouped_gemm.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows, "block": block_rows}, f, indent=1)
+    try:
+        plot(rows, os.path.join(out_dir, "bench_grouped_gemm.png"), meta)
+    except Exception as exc:  # noqa: BLE001
+        log(f"plot failed: {exc!r}")
+    return rows
+
+
+def markdown_table(rows) -> str:
+    keys = [k for k in ("bf16", "fp8", "fbgemm") if any(k in r for r in rows)]
+    head = ("| M | R | ours us | " + " | ".join(f"{k} us" for k in keys)
+            + " | floor us | ours % floor | ours TFLOP/s | ours GB/s | FBGEMM / ours |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        us = r.get("ours", float("nan"))
+        fb = r.get("fbgemm", PEER_US["fbgemm"].get(r["M"], float("nan")))
+        cells = [str(r["M"]), str(r["R"]), f"{us:.1f}"]
+        cells += [f"{r[k]:.1f}" if k in r else "-" for k in keys]
+        cells += [f"{r['floor_us']:.1f}", f"{100 * r['floor_us'] / us:.0f}%",
+                  f"{r['flops'] / us / 1e6:.0f}", f"{r['bytes'] / us / 1e3:.0f}", f"{fb / us:.2f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows, path, meta):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ms = [r["M"] for r in rows]
+    for key, style in (("ours", "o-"), ("fbgemm", "s--"), ("fp8", "^--"), ("bf16", "v--"),
+                       ("floor_us", "k:")):
+        ys = [r.get(key, math.nan) for r in rows]
+        if not all(math.isnan(y) for y in ys):
+            ax.plot(ms, ys, style, label={"floor_us": "floor"}.get(key, key))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("M tokens (R = 8 M rows)")
+    ax.set_ylabel("median us, w13 + w2")
+    ax.set_title(f"GLM-4.6 MoE GEMMs, {meta['device']}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def time_block(m_list, log=print):
+    """Time W4A8MoE.forward on GLM-4.6 shapes, when inductor_w4a8.moe exists."""
+    try:
+        from . import moe as moe_mod
+    except ImportError:
+        log("--block: inductor_w4a8.moe is not there yet; skipped")
+        return []
+    device = torch.device("cuda")
+    E, H, I, k = E_GLM, HIDDEN_GLM, INTER_GLM, TOPK_GLM
+    layer = moe_mod.W4A8MoE(E, k, H, I, group_size=128, device=device)
+    with torch.no_grad():
+        for name, (N, K) in {"w13": (2 * I, H), "w2": (H, I)}.items():
+            getattr(layer, f"{name}_weight_packed").copy_(
+                torch.randint(-2**31, 2**31 - 1, (E, N, K // 8), dtype=torch.int32, device=device))
+            getattr(layer, f"{name}_weight_scale").copy_(
+                (torch.rand(E, N, K // 128, device=device) * 0.01 + 0.002).to(torch.bfloat16))
+    layer.process_weights_after_loading()
+    out = []
+    with torch.no_grad(), value_checks(False):
+        for M in m_list:
+            x = torch.randn(M, H, device=device, dtype=torch.bfloat16)
+            logits = torch.randn(M, E, device=device, dtype=torch.bfloat16)
+            us = do_bench_us(lambda: layer(x, logits))
+            out.append({"M": M, "block_us": us})
+            log(f"block M={M}: {us:.1f} us")
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--m", type=int, nargs="*", default=list(M_LIST))
+    p.add_argument("--scale-mode", choices=formats.SCALE_MODES, default="fp8")
+    p.add_argument("--no-peers", action="store_true")
+    p.add_argument("--block", action="store_true", help="also time W4A8MoE.forward")
+    p.add_argument("--rep", type=int, default=200, help="do_bench repetition time, ms")
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import inductor_w4a8  # noqa: F401  (registers the ops)
+    run(args.m, args.scale_mode, not args.no_peers, rep=args.rep, out_dir=args.out, block=args.block)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Per-token fp8 quantization: bf16 [T, K] -> fp8 [T, K], fp32 [T, 1].
+
+scale = max(amax_row / 448, 1 / (448 * 512)); q = e4m3(clamp(x / scale, -448, 448)), with IEEE
+division (div_rn), bit for bit as `formats.quantize_fp8_per_token`. One program per row, two
+passes over K in BLOCK_K chunks (amax, then quantize); row offsets in int64.
+"""
+import triton
+import triton.language as tl
+
+from .fp8 import clamp_fp8_range, fp32_to_e4m3_bits
+
+
+@triton.jit
+def quantize_fp8_per_token_kernel(x_ptr, q_ptr, scale_ptr, K, MIN_SCALE: tl.constexpr,
+                                  BLOCK_K: tl.constexpr, HW: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = row * K
+    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+    n_nan = tl.zeros([BLOCK_K], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        v = tl.load(x_ptr + base + cols, mask=cols < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(v))
+        n_nan += (v != v).to(tl.int32)
+    scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 448.0), MIN_SCALE)
+    scale = tl.where(tl.sum(n_nan, axis=0) > 0, float("nan"), scale)  # torch propagates NaN
+    tl.store(scale_ptr + row, scale)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        mask = cols < K
+        v = tl.load(x_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
+        q = fp32_to_e4m3_bits(clamp_fp8_range(tl.math.div_rn(v, scale)), HW)
+        tl.store(q_ptr + base + cols, q, mask=mask)

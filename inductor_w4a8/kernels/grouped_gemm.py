@@ -1,0 +1,162 @@
+"""Triton kernel of `w4a8::grouped_gemm`: fp8 activations x int4 weights, grouped by expert.
+
+    out[r, n] = a_scale[r] * chan[e, n] * sum_g s[e, n, g] * sum_{k in g} a[r, k] * q[e, n, k]
+
+Design (see docs/perf.md for the measurements behind it):
+  * Swapped operands: each program computes an out^T tile [BLOCK_N, BLOCK_M] as
+    tl.dot(w_tile [BLOCK_N, G], a_tile^T [G, BLOCK_M]): the converted weight tile is the first
+    (register-capable) operand of Hopper's fp8 wgmma, whose M dimension (>= 64) is the weight rows,
+    so a handful of tokens per expert (BLOCK_M = 16) costs no padding of the MMA M side.
+  * One K step = one quantization group: every dot's fp32 result is multiplied by the group scale
+    s[e, n, g] in fp32 and accumulated in fp32 (q * s is never rounded to fp8).
+  * int4 -> fp8 without int -> float converts: layout v3 (formats.py) puts the 8 nibbles of one
+    32-bit word exactly where the two fp8 wgmma register-fragment registers of a thread want
+    them, and three PRMT byte lookups per 4 weights (CUTLASS's int4 -> e4m3 trick, inline PTX)
+    produce exact e4m3 values of q. The interpreter path (TRITON_INTERPRET=1) does the same
+    arithmetic with plain Triton ops.
+  * Persistent grid sized from shapes only; the (expert, m-tile, n-tile) list is derived on the
+    device from expert_offsets (clamped into [0, R] and made monotone by a running max), so any
+    offset values are memory-safe and no host sync is needed. Surplus programs simply find no
+    tile. All row / expert address arithmetic is int64.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _max_combine(x, y):
+    return tl.maximum(x, y)
+
+
+@triton.jit
+def _s4_tile_to_fp8_ops(b, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+    """uint8 [BLOCK_N, GROUP // 2] layout-v3 bytes -> fp8 q [BLOCK_N, GROUP] in natural K order.
+
+    Plain Triton ops (the interpreter path): u = n ^ 8 = q + 8, and 0x6400 | u read as fp16 is
+    1024 + u, so subtracting 1032 gives q exactly."""
+    lo = (((b & 0xF) ^ 8).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1032.0
+    hi = (((b >> 4) ^ 8).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1032.0
+    # nibble p of word w of chunk j: p = 2 * (byte in word) + (0 low | 1 high)
+    q = tl.join(lo, hi).reshape(BLOCK_N, GROUP // 32, 4, 2, 4)   # [n, j, w, h, b]
+    q = tl.permute(q, (0, 1, 3, 2, 4)).reshape(BLOCK_N, GROUP)    # k = 32 j + 16 h + 4 w + b
+    return q.to(tl.float8e4nv)
+
+
+@triton.jit
+def _s4x8_to_fp8_asm(b):
+    """One layout-v3 word (4 bytes = 8 signed nibbles) per call -> (e4m3 of nibbles 0..3,
+    e4m3 of nibbles 4..7), each 4 fp8 in one 32-bit register: the wgmma fragment registers.
+
+    CUTLASS-style lookup: PRMT indexes an 8-byte table with a nibble's low 3 bits; tables
+    e4m3(0..7) and e4m3(-8..-1); the final PRMT takes byte i from the first (sign 0) or the
+    second (sign 1) lookup, its selector i + 4 * sign built with one shift and one LOP3."""
+    return tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .b32 pa, pb, na, nb, idx, s, idxh, sh, p0, n0, p1, n1;
+        mov.b32 pa, 0x44403800;
+        mov.b32 pb, 0x4E4C4A48;
+        mov.b32 na, 0xCACCCED0;
+        mov.b32 nb, 0xB8C0C4C8;
+        and.b32 idx, $2, 0x77777777;
+        shr.u32 s, $2, 1;
+        lop3.b32 s, s, 0x44444444, 0x32103210, 0xEA;
+        shr.u32 idxh, idx, 16;
+        shr.u32 sh, s, 16;
+        prmt.b32 p0, pa, pb, idx;
+        prmt.b32 n0, na, nb, idx;
+        prmt.b32 $0, p0, n0, s;
+        prmt.b32 p1, pa, pb, idxh;
+        prmt.b32 n1, na, nb, idxh;
+        prmt.b32 $1, p1, n1, sh;
+        }
+        """,
+        constraints="=r,=r,r",
+        args=[b],
+        dtype=(tl.float8e4nv, tl.float8e4nv),
+        is_pure=True,
+        pack=4,
+    )
+
+
+@triton.jit
+def w4a8_grouped_gemm_kernel(
+    a_ptr, a_scale_ptr, w_ptr, s_ptr, chan_ptr, off_ptr, out_ptr,
+    R, N, K, E,
+    GROUP: tl.constexpr, HAS_CHAN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+    USE_ASM: tl.constexpr,
+):
+    """a fp8 [R, K] (rows sorted by expert), a_scale fp32 [R], w uint8 [E, N, K // 2] (layout v2),
+    s fp8/bf16 [E, N, K // GROUP], chan fp32 [E, N] (if HAS_CHAN), off int64 [E + 1],
+    out bf16 [R, N]."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+
+    # ---- per-expert row ranges, clamped and monotone, and the m-tile list (device side) ----
+    eidx = tl.arange(0, BLOCK_E)
+    emask = eidx < E
+    lo_off = tl.load(off_ptr + eidx, mask=emask, other=0).to(tl.int64)
+    hi_off = tl.load(off_ptr + eidx + 1, mask=emask, other=0).to(tl.int64)
+    lo_off = tl.minimum(tl.maximum(lo_off, 0), R)
+    hi_off = tl.minimum(tl.maximum(hi_off, 0), R)
+    start = tl.associative_scan(lo_off, 0, _max_combine)
+    end = tl.maximum(tl.associative_scan(hi_off, 0, _max_combine), start)
+    count = tl.where(emask, end - start, 0)
+    m_tiles = (count + BLOCK_M - 1) // BLOCK_M
+    cum_tiles = tl.cumsum(m_tiles, 0)
+    total_m = tl.sum(m_tiles, 0).to(tl.int32)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    total = total_m * n_tiles
+
+    KH = K // 2
+    KG = K // GROUP
+    rm = tl.arange(0, BLOCK_M)
+    kh = tl.arange(0, GROUP // 2)
+    kk = tl.arange(0, GROUP)
+
+    for tile in range(pid, total, nprog):
+        mt = tile // n_tiles
+        nt = tile % n_tiles
+        # expert of this m-tile: number of experts whose inclusive tile cumsum is <= mt
+        e = tl.sum((cum_tiles <= mt).to(tl.int32), 0)
+        sel = eidx == e
+        row0 = tl.sum(tl.where(sel, start, 0), 0)
+        cnt = tl.sum(tl.where(sel, count, 0), 0)
+        first = tl.sum(tl.where(sel, cum_tiles - m_tiles, 0), 0)
+        m_in = (mt - first) * BLOCK_M + rm
+        rmask = m_in < cnt
+        rows = row0 + m_in                                   # int64
+        rn = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = rn < N
+        rn64 = rn.to(tl.int64)
+        e64 = e.to(tl.int64)
+
+        w_rows = w_ptr + e64 * N * KH + rn64[:, None] * KH    # [BLOCK_N, 1]
+        a_rows = a_ptr + rows[:, None] * K                    # [BLOCK_M, 1]
+        s_rows = s_ptr + e64 * N * KG + rn64 * KG             # [BLOCK_N]
+
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for g in range(0, KG):
+            wb = tl.load(w_rows + (g * (GROUP // 2) + kh)[None, :], mask=nmask[:, None], other=0)
+            at = tl.load(a_rows + (g * GROUP + kk)[None, :], mask=rmask[:, None], other=0.0)
+            sg = tl.load(s_rows + g, mask=nmask, other=0.0).to(tl.float32)
+            if USE_ASM:
+                # element c = 16 j + 4 w + i of the two outputs is nibble i (first) or 4 + i
+                # (second) of word w of chunk j: K = 32 j + 4 w + i and K = 32 j + 16 + 4 w + i.
+                wlo, whi = _s4x8_to_fp8_asm(wb)
+                wq = tl.join(wlo, whi).reshape(BLOCK_N, GROUP // 32, 4, 4, 2)   # [n, j, w, i, h]
+                wq = tl.permute(wq, (0, 1, 4, 2, 3)).reshape(BLOCK_N, GROUP)
+            else:
+                wq = _s4_tile_to_fp8_ops(wb, BLOCK_N, GROUP)
+            # one group per K step: its fp32 dot times its scale, accumulated in fp32
+            acc += tl.dot(wq, tl.trans(at)) * sg[:, None]
+
+        if HAS_CHAN:
+            chan = tl.load(chan_ptr + e64 * N + rn64, mask=nmask, other=0.0)
+            acc = acc * chan[:, None]
+        a_sc = tl.load(a_scale_ptr + rows, mask=rmask, other=0.0)
+        acc = acc * a_sc[None, :]
+        out = tl.trans(acc).to(tl.bfloat16)                   # [BLOCK_M, BLOCK_N]
+        tl.store(out_ptr + rows[:, None] * N + rn64[None, :], out,
+                 mask=rmask[:, None] & nmask[None, :])

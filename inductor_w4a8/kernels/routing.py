@@ -1,0 +1,74 @@
+"""Router: [T, E] logits -> fp32 [T, top_k] weights, int32 [T, top_k] expert ids (vLLM FusedMoE).
+
+One program per token. The E experts are viewed as a [n_group, E // n_group] tile (one group when
+grouped top-k is off), so every step is a masked reduction over that tile:
+  scores = softmax(logits) or sigmoid(logits), in fp32;
+  choice = scores + correction_bias (the bias picks experts, it never weighs them);
+  grouped top-k: a group's score is the sum of its top-2 choices (with a bias) or its max choice
+  (without), the topk_group best groups are kept and the others masked to -inf;
+  top-k: top_k rounds of "take the largest remaining choice" (ties go to the lowest id), each
+  recording the expert's score as its weight;
+  weights /= max(sum(weights), tiny) when RENORMALIZE, then *= routed_scaling_factor.
+Ids are clamped into [0, E) even for NaN logits, so later kernels never see an id out of range.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def routing_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, stride_t, E, n_group, group_len,
+                   topk_group, scaling, TOP_K: tl.constexpr, BLOCK_G: tl.constexpr,
+                   BLOCK_GL: tl.constexpr, BLOCK_K: tl.constexpr, SOFTMAX: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, RENORMALIZE: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    g = tl.arange(0, BLOCK_G)
+    e = g[:, None] * group_len + tl.arange(0, BLOCK_GL)[None, :]
+    valid = (g[:, None] < n_group) & (tl.arange(0, BLOCK_GL)[None, :] < group_len)
+    x = tl.load(logits_ptr + t * stride_t + e, mask=valid, other=float("-inf")).to(tl.float32)
+    if SOFTMAX:
+        m = tl.max(tl.max(x, axis=1), axis=0)
+        p = tl.where(valid, tl.exp(x - m), 0.0)
+        scores = tl.math.div_rn(p, tl.sum(tl.sum(p, axis=1), axis=0))
+    else:
+        scores = tl.math.div_rn(tl.full(x.shape, 1.0, tl.float32), 1.0 + tl.exp(-x))
+    choice = scores
+    if HAS_BIAS:
+        choice += tl.load(bias_ptr + e, mask=valid, other=0.0).to(tl.float32)
+    choice = tl.where(valid, choice, float("-inf"))
+
+    if GROUPED:
+        best = tl.max(choice, axis=1)                                        # [BLOCK_G]
+        if HAS_BIAS:  # sum of the group's two largest choices
+            col = tl.arange(0, BLOCK_GL)[None, :]
+            first = tl.min(tl.where(choice == best[:, None], col, BLOCK_GL), axis=1)
+            second = tl.max(tl.where(col == first[:, None], float("-inf"), choice), axis=1)
+            best = tl.where(group_len >= 2, best + second, best)
+        group_score = tl.where(g < n_group, best, float("-inf"))
+        keep = g < 0
+        for _ in range(topk_group):
+            top = tl.max(tl.where(keep, float("-inf"), group_score), axis=0)
+            pick = tl.min(tl.where((group_score == top) & ~keep & (g < n_group), g, BLOCK_G), axis=0)
+            pick = tl.where(pick == BLOCK_G, tl.min(tl.where(~keep, g, BLOCK_G), axis=0), pick)
+            keep = keep | (g == pick)
+        choice = tl.where(keep[:, None], choice, float("-inf"))
+
+    kk = tl.arange(0, BLOCK_K)
+    top_w = tl.zeros([BLOCK_K], dtype=tl.float32)
+    top_id = tl.zeros([BLOCK_K], dtype=tl.int32)
+    taken = e < 0
+    for j in tl.static_range(TOP_K):
+        c = tl.where(taken, float("-inf"), choice)
+        top = tl.max(tl.max(c, axis=1), axis=0)
+        hit = (c == top) & ~taken & valid
+        idx = tl.min(tl.min(tl.where(hit, e, E), axis=1), axis=0)
+        idx = tl.minimum(idx, E - 1)
+        sel = e == idx
+        taken = taken | sel
+        w = tl.sum(tl.sum(tl.where(sel, scores, 0.0), axis=1), axis=0)
+        top_w = tl.where(kk == j, w, top_w)
+        top_id = tl.where(kk == j, idx, top_id)
+    if RENORMALIZE:
+        top_w = tl.math.div_rn(top_w, tl.maximum(tl.sum(top_w, axis=0), 1.1754943508222875e-38))
+    top_w = top_w * scaling
+    tl.store(weights_ptr + t * TOP_K + kk, top_w, mask=kk < TOP_K)
+    tl.store(ids_ptr + t * TOP_K + kk, top_id, mask=kk < TOP_K)

@@ -1,0 +1,58 @@
+"""silu(gate) * up fused with the per-row fp8 quantization: bf16 [R, 2I] -> fp8 [R, I], fp32 [R, 1].
+
+One program per row. v = silu(g) * u in fp32 with silu(g) = g / (1 + exp(-g)) (IEEE division, as
+torch); scale = max(amax(|v|) / 448, 1 / (448 * 512)); q = e4m3(clamp(v / scale, -448, 448)),
+the math of `reference.silu_mul_quantize_fp8`. When the row fits one tile (ONE_TILE: I <= BLOCK_I)
+it is read once and kept in registers; otherwise a first loop over I finds amax and a second
+recomputes v (the row is then in L2) and stores it. Only exp may differ from torch's by an ulp.
+"""
+import triton
+import triton.language as tl
+
+from .fp8 import clamp_fp8_range, fp32_to_e4m3_bits
+
+
+@triton.jit
+def _silu_mul(x_ptr, row_base, I, cols, mask):
+    g = tl.load(x_ptr + row_base + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + row_base + I + cols, mask=mask, other=0.0).to(tl.float32)
+    return tl.math.div_rn(g, 1.0 + tl.exp(-g)) * u
+
+
+@triton.jit
+def _row_scale(amax, MIN_SCALE: tl.constexpr):
+    return tl.maximum(tl.math.div_rn(amax, 448.0), MIN_SCALE)
+
+
+@triton.jit
+def silu_mul_quant_kernel(x_ptr, q_ptr, scale_ptr, I, MIN_SCALE: tl.constexpr,
+                          BLOCK_I: tl.constexpr, ONE_TILE: tl.constexpr, HW: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_base = row * 2 * I
+    q_base = row * I
+    if ONE_TILE:
+        cols = tl.arange(0, BLOCK_I)
+        mask = cols < I
+        v = _silu_mul(x_ptr, x_base, I, cols, mask)
+        scale = _row_scale(tl.max(tl.abs(v), axis=0), MIN_SCALE)
+        scale = tl.where(tl.sum((v != v).to(tl.int32), axis=0) > 0, float("nan"), scale)
+        tl.store(scale_ptr + row, scale)
+        q = fp32_to_e4m3_bits(clamp_fp8_range(tl.math.div_rn(v, scale)), HW)
+        tl.store(q_ptr + q_base + cols, q, mask=mask)
+    else:
+        amax = tl.zeros([BLOCK_I], dtype=tl.float32)
+        n_nan = tl.zeros([BLOCK_I], dtype=tl.int32)
+        for i0 in range(0, I, BLOCK_I):
+            cols = i0 + tl.arange(0, BLOCK_I)
+            v = _silu_mul(x_ptr, x_base, I, cols, cols < I)
+            amax = tl.maximum(amax, tl.abs(v))
+            n_nan += (v != v).to(tl.int32)
+        scale = _row_scale(tl.max(amax, axis=0), MIN_SCALE)
+        scale = tl.where(tl.sum(n_nan, axis=0) > 0, float("nan"), scale)  # torch propagates NaN
+        tl.store(scale_ptr + row, scale)
+        for i0 in range(0, I, BLOCK_I):
+            cols = i0 + tl.arange(0, BLOCK_I)
+            mask = cols < I
+            v = _silu_mul(x_ptr, x_base, I, cols, mask)
+            q = fp32_to_e4m3_bits(clamp_fp8_range(tl.math.div_rn(v, scale)), HW)
+            tl.store(q_ptr + q_base + cols, q, mask=mask)

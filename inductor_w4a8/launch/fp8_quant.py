@@ -1,0 +1,29 @@
+"""Launcher: per-token fp8 quantization of bf16 activations."""
+from __future__ import annotations
+
+import torch
+
+from .. import formats
+from ..kernels.fp8_quant import quantize_fp8_per_token_kernel
+from ._common import device_guard, next_pow2, use_hw_fp8
+
+MAX_BLOCK_K = 2048
+
+
+def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 [T, K] contiguous -> (fp8 [T, K], fp32 [T, 1]) on the current stream; no host sync,
+    grid = T (capturable)."""
+    if x.dtype != torch.bfloat16 or x.dim() != 2 or not x.is_contiguous():
+        raise ValueError(f"quantize_fp8_per_token: x must be contiguous bf16 [T, K], got "
+                         f"{x.dtype} {tuple(x.shape)} strides {x.stride()}")
+    T, K = x.shape
+    q = torch.empty((T, K), dtype=formats.FP8_DTYPE, device=x.device)
+    scale = torch.empty((T, 1), dtype=torch.float32, device=x.device)
+    if T == 0:
+        return q, scale
+    block_k = min(max(next_pow2(K), 128), MAX_BLOCK_K)
+    with device_guard(x):
+        quantize_fp8_per_token_kernel[(T,)](
+            x, q.view(torch.uint8), scale, K, MIN_SCALE=formats.FP8_MIN_SCALE, BLOCK_K=block_k,
+            HW=use_hw_fp8(x), num_warps=4 if block_k <= 1024 else 8)
+    return q, scale

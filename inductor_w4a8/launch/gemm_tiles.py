@@ -1,0 +1,80 @@
+"""Tile configurations of the W4A8 grouped GEMM, as data, and the function that picks one.
+
+Kept apart from the kernel code (Inductor's mm_grouped style): the kernel takes the tile as
+constexprs, this module decides them from shapes alone (never from tensor values), so the choice
+is the same in eager mode, under torch.compile and inside a CUDA-graph capture.
+
+BLOCK_M is the token side of the tile (the wgmma N dimension, 16..256), BLOCK_N the weight-row
+side (the wgmma M dimension, a multiple of 64 per warpgroup). One K step is one quantization
+group. programs_per_sm sets the persistent grid: NUM_SMS * programs_per_sm programs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmTile:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    programs_per_sm: int
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# (upper bound of the expected rows per active expert, tile), first match wins.
+# Small row counts are weight-bandwidth bound: narrow token tiles, many programs per SM, deep
+# pipelines to keep enough weight bytes in flight. Large row counts are MMA bound: 128 x 128.
+GEMM_TILES: tuple[tuple[float, GemmTile], ...] = (
+    (16, GemmTile(block_m=16, block_n=64, num_warps=4, num_stages=4, programs_per_sm=4)),
+    (32, GemmTile(block_m=32, block_n=64, num_warps=4, num_stages=4, programs_per_sm=4)),
+    (64, GemmTile(block_m=64, block_n=64, num_warps=4, num_stages=4, programs_per_sm=2)),
+    (float("inf"), GemmTile(block_m=128, block_n=128, num_warps=8, num_stages=3, programs_per_sm=1)),
+)
+
+
+def expected_rows_per_expert(R: int, E: int) -> float:
+    """Rows an active expert gets on average when R routed rows spread over E experts.
+
+    With fewer rows than experts almost every row lands on its own expert (1 row each).
+    """
+    if R <= 0 or E <= 0:
+        return 0.0
+    return R / min(E, R)
+
+
+def choose_tile(R: int, N: int, K: int, E: int, group_size: int, *, table=GEMM_TILES) -> GemmTile:
+    """The tile for a problem, from shapes only. W4A8_GEMM_TILE="bm,bn,warps,stages,ppsm" overrides."""
+    override = os.environ.get("W4A8_GEMM_TILE")
+    if override:
+        return GemmTile(*(int(v) for v in override.split(",")))
+    rows = expected_rows_per_expert(R, E)
+    for bound, tile in table:
+        if rows <= bound:
+            return tile
+    return table[-1][1]
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def grid_size(tile: GemmTile, R: int, N: int, E: int, device: torch.device) -> int:
+    """Persistent grid: at most one program per possible tile (cdiv(R, BM) + E m-tiles upper bound)."""
+    n_tiles = -(-N // tile.block_n)
+    upper = (-(-R // tile.block_m) + E) * n_tiles
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        programs = num_sms(idx) * tile.programs_per_sm
+    else:  # TRITON_INTERPRET=1 on CPU: a few programs exercise the persistent loop
+        programs = 3
+    # sym_min / sym_max: R may be symbolic under torch.compile (no guard on it); plain ints here.
+    return torch.sym_max(1, torch.sym_min(upper, programs))

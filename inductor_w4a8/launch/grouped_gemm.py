@@ -1,0 +1,57 @@
+"""Launcher of `w4a8::grouped_gemm` (CUDA, or CPU under TRITON_INTERPRET=1).
+
+No host synchronization and no value-dependent shapes or grids: the output is [R, N], the grid
+comes from shapes (launch/gemm_tiles.py), the per-expert tile list is built on the device.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from ..kernels.grouped_gemm import w4a8_grouped_gemm_kernel
+from .gemm_tiles import GemmTile, choose_tile, grid_size
+
+
+LAST_COMPILED = None  # the last compiled kernel (for SASS / register inspection in tuning)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                 w_chan_scale: torch.Tensor | None, expert_offsets: torch.Tensor, group_size: int,
+                 *, tile: GemmTile | None = None, use_asm: bool | None = None,
+                 wrap=None) -> torch.Tensor:
+    """a fp8 [R, K], a_scale fp32 [R, 1], w int32 [E, N, K // 8] (formats layout v2), w_scale
+    fp8 (+ w_chan_scale fp32 [E, N, 1]) or bf16 [E, N, K // G], expert_offsets int64 [E + 1]
+    -> bf16 [R, N]. Inputs are checked by the op (ops.py) before this is called.
+
+    wrap: torch.library.wrap_triton when torch.compile traces this launcher into Inductor's
+    generated code (inductor_w4a8.lowerings); then R is symbolic, so `tile` is given."""
+    R, K = a.shape
+    E, N, _ = w.shape
+    out = torch.empty((R, N), dtype=torch.bfloat16, device=a.device)
+    if R == 0 or N == 0:
+        return out
+    if tile is None:
+        tile = choose_tile(R, N, K, E, group_size)
+    if use_asm is None:
+        use_asm = a.device.type == "cuda" and not _interpreting()
+    grid = (grid_size(tile, R, N, E, a.device),)
+    has_chan = w_chan_scale is not None
+    chan = w_chan_scale if has_chan else w_scale  # placeholder pointer when unused
+    global LAST_COMPILED
+    kernel = w4a8_grouped_gemm_kernel if wrap is None else wrap(w4a8_grouped_gemm_kernel)
+    LAST_COMPILED = kernel[grid](
+        a, a_scale, w.view(torch.uint8), w_scale, chan, expert_offsets, out,
+        R, N, K, E,
+        GROUP=group_size, HAS_CHAN=has_chan,
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+        BLOCK_E=max(16, triton.next_power_of_2(E)),
+        USE_ASM=use_asm,
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )
+    return out

@@ -1,0 +1,217 @@
+"""`W4A8MoE`: the Mixture-of-Experts block users touch (DESIGN.md section 3).
+
+Lifecycle, as in vLLM: construct (parameters named and shaped like a compressed-tensors
+checkpoint) -> `load_state_dict` -> `process_weights_after_loading()` (int4 re-encoding for the
+GEMM, scale conversion) -> `forward(hidden_states, router_logits)`.
+
+forward is a straight line of `torch.ops.w4a8` ops, so torch.compile(fullgraph=True) sees only
+our ops and the block is CUDA-graph capturable (no host sync, no value-dependent shape):
+
+    select_experts -> sort_by_expert -> quantize_fp8_per_token -> gather_rows_fp8
+    -> grouped_gemm(w13) -> silu_mul_quantize_fp8 -> grouped_gemm(w2) -> combine
+
+It runs on CPU (the ops' CPU kernels), CUDA (Triton) and meta tensors (the fake kernels).
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import nn
+
+from . import formats
+from .checks import W4A8InputError
+
+SCORING_FUNCTIONS = ("softmax", "sigmoid")
+# the int32 word 0x88888888: eight uint4b8 nibbles 8, i.e. eight zero weights
+_ZERO_WORD = 0x88888888 - 2**32
+
+
+def _fail(message: str) -> None:
+    raise W4A8InputError(f"W4A8MoE: {message}")
+
+
+def _positive_int(name: str, value) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        _fail(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+class W4A8MoE(nn.Module):
+    """W4A8 MoE block: int4 expert weights (per-group scales along K), fp8 per-token activations,
+    bf16 in and out.
+
+    Args:
+        num_experts, top_k, hidden_size, intermediate_size: E, k, H, I.
+        group_size: weight quantization group along K (32, 64 or 128); H and I are multiples of it.
+        scoring: "softmax" (top-k of the softmax, weights renormalized when `renormalize`) or
+            "sigmoid" (DeepSeek-V3 / GLM-4.x: `e_score_correction_bias` steers the choice only;
+            grouped top-k when `n_group` is set).
+        n_group, topk_group: grouped top-k: keep the `topk_group` best of `n_group` expert groups.
+        routed_scaling_factor: multiplies the routing weights.
+        scale_mode: "exact" (bf16 group scales as loaded) or "fp8" (vLLM's fp8 group scales x
+            fp32 channel scales); see `formats.DEFAULT_SCALE_MODE`.
+        params_dtype: dtype of the checkpoint's group scales and of the activations (bf16).
+        device: where the parameters live ("meta" works: shapes only).
+
+    Parameters (checkpoint names; `load_state_dict` fills them):
+        w13_weight_packed int32 [E, 2I, H // 8]   w13_weight_scale bf16 [E, 2I, H // G]
+        w2_weight_packed  int32 [E, H, I // 8]    w2_weight_scale  bf16 [E, H, I // G]
+        e_score_correction_bias fp32 [E]          (sigmoid scoring only; None otherwise)
+    """
+
+    def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
+                 group_size: int = 128, scoring: str = "softmax", renormalize: bool = True,
+                 n_group: int | None = None, topk_group: int | None = None,
+                 routed_scaling_factor: float = 1.0, scale_mode: str = formats.DEFAULT_SCALE_MODE,
+                 params_dtype: torch.dtype = torch.bfloat16, device=None):
+        super().__init__()
+        E = _positive_int("num_experts", num_experts)
+        top_k = _positive_int("top_k", top_k)
+        H = _positive_int("hidden_size", hidden_size)
+        I = _positive_int("intermediate_size", intermediate_size)
+        G = _positive_int("group_size", group_size)
+        if G not in formats.SUPPORTED_GROUP_SIZES:
+            _fail(f"group_size={G} is not supported; use one of {formats.SUPPORTED_GROUP_SIZES}")
+        for name, size in (("hidden_size", H), ("intermediate_size", I)):
+            if size % G:
+                _fail(f"{name}={size} is not a multiple of group_size={G}; the int4 weights are "
+                      f"quantized in whole groups along K (pad {name} up to a multiple of {G})")
+        if top_k > E:
+            _fail(f"top_k={top_k} must be <= num_experts={E}")
+        if scoring not in SCORING_FUNCTIONS:
+            _fail(f"scoring={scoring!r} is not supported; use one of {SCORING_FUNCTIONS}")
+        if (n_group is None) != (topk_group is None):
+            _fail(f"n_group={n_group!r} and topk_group={topk_group!r}: set both (grouped top-k) "
+                  f"or neither")
+        if n_group is not None:
+            n_group = _positive_int("n_group", n_group)
+            topk_group = _positive_int("topk_group", topk_group)
+            if E % n_group:
+                _fail(f"num_experts={E} is not a multiple of n_group={n_group}")
+            if topk_group > n_group:
+                _fail(f"topk_group={topk_group} must be <= n_group={n_group}")
+            if top_k > topk_group * (E // n_group):
+                _fail(f"top_k={top_k} exceeds the {topk_group * (E // n_group)} experts of the "
+                      f"topk_group={topk_group} groups of {E // n_group} that grouped top-k keeps")
+        if not isinstance(routed_scaling_factor, numbers.Real) or isinstance(routed_scaling_factor, bool):
+            _fail(f"routed_scaling_factor must be a float, got {routed_scaling_factor!r}")
+        if scale_mode not in formats.SCALE_MODES:
+            _fail(f"scale_mode={scale_mode!r} is not supported; use one of {formats.SCALE_MODES}")
+        if params_dtype != torch.bfloat16:
+            _fail(f"params_dtype={params_dtype} is not supported; the checkpoint's group scales "
+                  f"and the activations are torch.bfloat16")
+
+        self.num_experts, self.top_k = E, top_k
+        self.hidden_size, self.intermediate_size, self.group_size = H, I, G
+        self.scoring, self.renormalize = scoring, bool(renormalize)
+        self.n_group, self.topk_group = n_group, topk_group
+        self.routed_scaling_factor = float(routed_scaling_factor)
+        self.scale_mode = scale_mode
+        self.params_dtype = params_dtype
+        self.weights_processed = False
+
+        def param(shape, dtype, fill):
+            return nn.Parameter(torch.full(shape, fill, dtype=dtype, device=device), requires_grad=False)
+
+        # all-zero weights until a checkpoint is loaded (nibble 8 is q = 0 in uint4b8)
+        self.w13_weight_packed = param((E, 2 * I, H // 8), torch.int32, _ZERO_WORD)
+        self.w13_weight_scale = param((E, 2 * I, H // G), params_dtype, 0)
+        self.w2_weight_packed = param((E, H, I // 8), torch.int32, _ZERO_WORD)
+        self.w2_weight_scale = param((E, H, I // G), params_dtype, 0)
+        if scoring == "sigmoid":
+            self.e_score_correction_bias = param((E,), torch.float32, 0)
+        else:
+            self.register_parameter("e_score_correction_bias", None)
+
+    # ----------------------------------------------------------------------------------------
+    def extra_repr(self) -> str:
+        s = (f"num_experts={self.num_experts}, top_k={self.top_k}, hidden_size={self.hidden_size}, "
+             f"intermediate_size={self.intermediate_size}, group_size={self.group_size}, "
+             f"scoring={self.scoring!r}, renormalize={self.renormalize}")
+        if self.n_group is not None:
+            s += f", n_group={self.n_group}, topk_group={self.topk_group}"
+        if self.routed_scaling_factor != 1.0:
+            s += f", routed_scaling_factor={self.routed_scaling_factor}"
+        return s + f", scale_mode={self.scale_mode!r}, processed={self.weights_processed}"
+
+    def process_weights_after_loading(self) -> None:
+        """Checkpoint tensors -> the GEMM's (see `inductor_w4a8.postprocess`); once per load."""
+        from .postprocess import process_weights_after_loading
+        process_weights_after_loading(self)
+
+    # ----------------------------------------------------------------------------------------
+    def _check_inputs(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> None:
+        if not getattr(self, "weights_processed", False):
+            raise RuntimeError("W4A8MoE.forward: the weights are not processed; call "
+                               "process_weights_after_loading() after loading the checkpoint")
+        for name, t in (("hidden_states", hidden_states), ("router_logits", router_logits)):
+            if not isinstance(t, torch.Tensor):
+                _fail(f"forward: {name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 2:
+                _fail(f"forward: {name} must have rank 2, got shape {tuple(t.shape)}")
+        T, H = hidden_states.shape
+        if H != self.hidden_size:
+            _fail(f"forward: hidden_states has {H} features but hidden_size={self.hidden_size}")
+        if hidden_states.dtype != self.params_dtype:
+            _fail(f"forward: hidden_states must be {self.params_dtype}, got {hidden_states.dtype}")
+        if tuple(router_logits.shape) != (T, self.num_experts):
+            _fail(f"forward: router_logits must have shape (T, num_experts) = "
+                  f"{(T, self.num_experts)}, got {tuple(router_logits.shape)}")
+        weight = self.w13_weight
+        for name, t in (("hidden_states", hidden_states), ("router_logits", router_logits)):
+            if t.device != weight.device:
+                _fail(f"forward: {name} is on {t.device} but the weights are on {weight.device}")
+
+    def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        """bf16 [T, H], router logits [T, E] -> bf16 [T, H]."""
+        self._check_inputs(hidden_states, router_logits)
+        ops = torch.ops.w4a8
+        G = self.group_size
+        topk_weights, topk_ids = ops.select_experts(
+            router_logits, self.e_score_correction_bias, self.top_k, self.scoring,
+            self.renormalize, self.n_group or 0, self.topk_group or 0, self.routed_scaling_factor)
+        sorted_rows, flat_to_sorted, offsets = ops.sort_by_expert(topk_ids, self.num_experts)
+        xq, x_scale = ops.quantize_fp8_per_token(hidden_states.contiguous())
+        a, a_scale = ops.gather_rows_fp8(xq, x_scale, sorted_rows, self.top_k)
+        h = ops.grouped_gemm(a, a_scale, self.w13_weight, self.w13_group_scale, self.w13_chan_scale,
+                             offsets, G)
+        hq, h_scale = ops.silu_mul_quantize_fp8(h)
+        y = ops.grouped_gemm(hq, h_scale, self.w2_weight, self.w2_group_scale, self.w2_chan_scale,
+                             offsets, G)
+        return ops.combine(y, flat_to_sorted, topk_weights)
+
+    # ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_float(cls, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, *, top_k: int,
+                   group_size: int = 128, e_score_correction_bias: torch.Tensor | None = None,
+                   process_weights: bool = False, device=None, **kwargs) -> "W4A8MoE":
+        """A layer holding bf16/fp32 expert weights quantized with `formats.quantize_w4`.
+
+        w1 (gate) [E, I, H], w3 (up) [E, I, H], w2 (down) [E, H, I]; w13 = cat(w1, w3) along N.
+        kwargs are the constructor's routing / scale arguments. The layer is returned in checkpoint
+        form (its state_dict is a compressed-tensors checkpoint) unless process_weights=True.
+        """
+        for name, w in (("w1", w1), ("w3", w3), ("w2", w2)):
+            if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dim() != 3:
+                _fail(f"from_float: {name} must be a floating tensor of rank 3, got "
+                      f"{getattr(w, 'dtype', type(w).__name__)} {tuple(getattr(w, 'shape', ()))}")
+        E, I, H = w1.shape
+        if tuple(w3.shape) != (E, I, H) or tuple(w2.shape) != (E, H, I):
+            _fail(f"from_float: expected w1, w3 [E, I, H] and w2 [E, H, I]; got w1 "
+                  f"{tuple(w1.shape)}, w3 {tuple(w3.shape)}, w2 {tuple(w2.shape)}")
+        device = w1.device if device is None else torch.device(device)
+        layer = cls(E, top_k, H, I, group_size=group_size, device=device, **kwargs)
+        w13_packed, w13_scale = formats.quantize_w4(torch.cat([w1, w3], dim=1), group_size)
+        w2_packed, w2_scale = formats.quantize_w4(w2, group_size)
+        state = {"w13_weight_packed": w13_packed, "w13_weight_scale": w13_scale,
+                 "w2_weight_packed": w2_packed, "w2_weight_scale": w2_scale}
+        if layer.e_score_correction_bias is not None:
+            bias = e_score_correction_bias
+            state["e_score_correction_bias"] = torch.zeros(E) if bias is None else bias.float()
+        elif e_score_correction_bias is not None:
+            _fail("from_float: e_score_correction_bias is for scoring='sigmoid' only")
+        layer.load_state_dict({k: v.to(device) for k, v in state.items()})
+        if process_weights:
+            layer.process_weights_after_loading()
+        return layer

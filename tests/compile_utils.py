@@ -1,0 +1,98 @@
+"""Shared by the compile / CUDA-graph / export tests: small and GLM-4.6-size MoE layers, a model of
+several MoE layers, and a backend wrapper that records what torch.compile hands to "w4a8"."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import inductor_w4a8 as w4a8
+from inductor_w4a8.backend import w4a8_backend
+
+# GLM-4.6 MoE layer per GPU: E=160, hidden 5120, moe-intermediate 1536, top-8, sigmoid routing
+# with the score-correction bias, grouped top-k, routed scaling 2.5.
+GLM = dict(num_experts=160, top_k=8, hidden_size=5120, intermediate_size=1536, group_size=128,
+           scoring="sigmoid", n_group=1, topk_group=1, routed_scaling_factor=2.5)
+SMALL = dict(num_experts=8, top_k=2, hidden_size=64, intermediate_size=64, group_size=32)
+
+
+def random_checkpoint_(moe: w4a8.W4A8MoE, generator: torch.Generator | None = None) -> w4a8.W4A8MoE:
+    """Fill a checkpoint-form layer with random int4 words and scales (any device; fast at GLM
+    size: no bf16 weights are materialized)."""
+    g = generator or torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in moe.named_parameters():
+            if p.dtype == torch.int32:
+                vals = torch.randint(-2**31, 2**31 - 1, p.shape, dtype=torch.int64, generator=g)
+                p.copy_(vals.to(torch.int32))
+            elif name.endswith("weight_scale"):
+                # compressed-tensors scale of N(0, 0.05) weights in groups: about amax / 7.5
+                p.copy_((torch.rand(p.shape, generator=g) * 0.01 + 0.015).to(p.dtype))
+            else:  # e_score_correction_bias
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return moe
+
+
+def make_moe(config=SMALL, device="cpu", seed=0, **overrides) -> w4a8.W4A8MoE:
+    """A processed layer with random weights."""
+    moe = w4a8.W4A8MoE(**{**config, **overrides}, device="cpu")
+    random_checkpoint_(moe, torch.Generator().manual_seed(seed))
+    moe = moe.to(device)
+    moe.process_weights_after_loading()
+    return moe
+
+
+def make_inputs(T: int, moe: w4a8.W4A8MoE, device=None, seed=None):
+    g = torch.Generator().manual_seed(T if seed is None else seed)
+    device = device or next(moe.parameters()).device
+    x = (torch.randn(T, moe.hidden_size, generator=g)).to(torch.bfloat16).to(device)
+    logits = torch.randn(T, moe.num_experts, generator=g).to(device)
+    return x, logits
+
+
+class MoEModel(nn.Module):
+    """A small model of several MoE layers: x += moe_i(rmsnorm(x), router_i(x)), then a norm."""
+
+    def __init__(self, num_layers=3, config=SMALL, device="cpu"):
+        super().__init__()
+        self.layers = nn.ModuleList(make_moe(config, device, seed=i) for i in range(num_layers))
+        H, E = config["hidden_size"], config["num_experts"]
+        g = torch.Generator().manual_seed(123)
+        self.routers = nn.ParameterList(
+            nn.Parameter((torch.randn(H, E, generator=g) * H ** -0.5).to(device), requires_grad=False)
+            for _ in range(num_layers))
+
+    @staticmethod
+    def _norm(x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for moe, router in zip(self.layers, self.routers):
+            h = self._norm(x)
+            logits = h.float() @ router
+            x = x + moe(h, logits)
+        return self._norm(x)
+
+
+class RecordingBackend:
+    """backend= for torch.compile: records each Dynamo graph handed over, then compiles it with
+    the "w4a8" backend (same mode/options)."""
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+        self.graphs: list[torch.fx.GraphModule] = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return w4a8_backend(gm, example_inputs, **self.kwargs)
+
+    def w4a8_ops(self, index: int = -1) -> list[str]:
+        """Names of the w4a8:: ops called in a recorded graph, in order."""
+        names = []
+        for node in self.graphs[index].graph.nodes:
+            if node.op == "call_function":
+                name = str(node.target)
+                if name.startswith("w4a8.") or "w4a8" in getattr(node.target, "__module__", "") or \
+                        name.startswith("torch.ops.w4a8"):
+                    names.append(name.replace("torch.ops.", ""))
+        return names

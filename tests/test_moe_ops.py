@@ -1,0 +1,536 @@
+"""The MoE path ops: select_experts, sort_by_expert, gather_rows_fp8, silu_mul_quantize_fp8, combine.
+
+- CPU: opcheck of every op, the CPU kernels vs reference / a direct computation, bad inputs
+  refused before anything runs, T = 0, E = 7 and E = 60, empty experts.
+- Triton launchers on CPU tensors under TRITON_INTERPRET=1 (tests named `test_interp_*`): Triton
+  decides interpreted vs compiled when a kernel is decorated, so when the suite runs without the
+  variable, `test_triton_launchers_under_interpreter` re-runs them in a child process that has it.
+- CUDA (`-m cuda`): the ops vs the CPU kernels at T in {1, 511, 512, 513, 8191, 8192}, bit exact
+  for sort / gather / combine, outputs poisoned before every run.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from inductor_w4a8 import W4A8InputError, formats, reference
+from inductor_w4a8.testing import assert_valid_routing, opcheck, poisoned_empty
+
+ops = torch.ops.w4a8
+FP8 = formats.FP8_DTYPE
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+interp = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 child process")
+BOUNDARY_T = (1, 511, 512, 513, 8191, 8192)
+
+# (E, top_k, scoring, renormalize, n_group, topk_group, routed_scaling_factor, with_bias)
+ROUTINGS = [
+    (7, 2, "softmax", True, 0, 0, 1.0, False),
+    (60, 4, "softmax", False, 0, 0, 1.0, False),
+    (60, 6, "sigmoid", True, 4, 2, 2.5, True),      # DeepSeek-V3 / GLM style, E not a power of 2
+    (160, 8, "sigmoid", True, 8, 4, 2.5, True),     # GLM-4.6 shape (one group of 20 per node)
+    (12, 3, "sigmoid", False, 6, 3, 1.0, False),    # grouped without a bias: group max
+    (12, 3, "softmax", True, 4, 4, 1.0, False),     # topk_group == n_group: no grouping
+    (1, 1, "softmax", True, 0, 0, 1.0, False),
+]
+ROUTING_IDS = [f"E{r[0]}-k{r[1]}-{r[2]}{'-g' if r[4] else ''}{'-bias' if r[7] else ''}" for r in ROUTINGS]
+
+
+def u8(t):
+    return t.view(torch.uint8)
+
+
+def routing_args(T, routing, device="cpu", dtype=torch.float32):
+    E, k, scoring, renorm, ng, tg, rsf, with_bias = routing
+    logits = torch.randn(T, E, dtype=torch.float32).to(dtype).to(device)
+    bias = (torch.randn(E) * 0.1).to(device) if with_bias else None
+    return (logits, bias, k, scoring, renorm, ng, tg, rsf)
+
+
+def random_ids(T, k, E, *, empty=(), device="cpu"):
+    """[T, k] int32 expert ids, never using experts in `empty`; distinct within a row when there
+    are k experts to choose from (as routing gives), repeated otherwise (the sort allows it)."""
+    allowed = torch.tensor([e for e in range(E) if e not in set(empty)])
+    if k > len(allowed):
+        ids = allowed[torch.randint(0, len(allowed), (T, k))]
+    else:
+        ids = torch.rand(T, len(allowed)).argsort(dim=1)[:, :k]
+        ids = allowed[ids]
+    return ids.to(torch.int32).to(device)
+
+
+def quantized_tokens(T, K, device="cpu"):
+    return formats.quantize_fp8_per_token((torch.randn(T, K) * 2).to(torch.bfloat16).to(device))
+
+
+def sort_inputs(T, k, E):
+    ids = random_ids(T, k, E, empty=(1, E - 2) if E > 4 else ())
+    return ids
+
+
+# ==========================================================================================
+# opcheck
+# ==========================================================================================
+@pytest.mark.parametrize("routing", ROUTINGS, ids=ROUTING_IDS)
+@pytest.mark.parametrize("T", [0, 5])
+def test_opcheck_select_experts(routing, T, seed):
+    opcheck(ops.select_experts, routing_args(T, routing))
+
+
+@pytest.mark.parametrize("T,k,E", [(0, 2, 7), (1, 8, 60), (9, 3, 7), (33, 2, 60)])
+def test_opcheck_sort_by_expert(T, k, E, seed):
+    opcheck(ops.sort_by_expert, (random_ids(T, k, E), E))
+
+
+@pytest.mark.parametrize("T,K,k", [(0, 64, 2), (1, 64, 8), (7, 96, 3)])
+def test_opcheck_gather_rows_fp8(T, K, k, seed):
+    xq, xs = quantized_tokens(T, K)
+    opcheck(ops.gather_rows_fp8, (xq, xs, torch.randperm(T * k).to(torch.int32), k))
+
+
+@pytest.mark.parametrize("R,I", [(0, 64), (1, 64), (9, 96)])
+def test_opcheck_silu_mul_quantize_fp8(R, I, seed):
+    opcheck(ops.silu_mul_quantize_fp8, ((torch.randn(R, 2 * I) * 3).to(torch.bfloat16),))
+
+
+@pytest.mark.parametrize("T,k,H", [(0, 2, 64), (1, 8, 64), (7, 3, 96)])
+def test_opcheck_combine(T, k, H, seed):
+    y = torch.randn(T * k, H).to(torch.bfloat16)
+    opcheck(ops.combine, (y, torch.randperm(T * k).to(torch.int32).view(T, k), torch.rand(T, k)))
+
+
+# ==========================================================================================
+# CPU kernels
+# ==========================================================================================
+@pytest.mark.parametrize("routing", ROUTINGS, ids=ROUTING_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_select_experts(routing, dtype, seed):
+    args = routing_args(64, routing, dtype=dtype)
+    w, ids = ops.select_experts(*args)
+    assert_valid_routing(w, ids, *args)
+    ref_w, ref_ids = reference.select_experts(*args)
+    assert torch.equal(ids, ref_ids) and torch.equal(w, ref_w)
+
+
+def test_select_experts_bias_steers_choice_not_weights():
+    logits = torch.tensor([[0.0, 0.1, 0.2, 0.3]])
+    bias = torch.tensor([10.0, 0.0, 0.0, 0.0])
+    w, ids = ops.select_experts(logits, bias, 2, "sigmoid", False, 0, 0, 1.0)
+    assert sorted(ids[0].tolist()) == [0, 3]
+    assert torch.allclose(w[0].sort().values, torch.sigmoid(torch.tensor([0.0, 0.3])))
+
+
+@pytest.mark.parametrize("T,k,E", [(0, 8, 7), (1, 8, 60), (5, 3, 7), (100, 8, 60), (64, 2, 1),
+                                   (300, 6, 5)])
+def test_cpu_sort_by_expert(T, k, E, seed):
+    ids = sort_inputs(T, k, E)
+    sorted_rows, flat_to_sorted, offsets = ops.sort_by_expert(ids, E)
+    flat = ids.reshape(-1).long()
+    assert offsets.dtype == torch.int64 and offsets.shape == (E + 1,)
+    assert offsets[0] == 0 and offsets[-1] == T * k
+    counts = torch.bincount(flat, minlength=E)
+    assert torch.equal(offsets.diff(), counts)
+    # rows grouped by expert, ascending flat index within an expert (stable)
+    assert torch.equal(flat[sorted_rows.long()], flat.sort(stable=True).values)
+    for e in range(E):
+        rows = sorted_rows[offsets[e]:offsets[e + 1]]
+        assert bool((rows.diff() > 0).all())
+    assert torch.equal(flat_to_sorted.reshape(-1)[sorted_rows.long()], torch.arange(T * k, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("T,K,k", [(0, 64, 2), (1, 64, 8), (13, 36, 3), (40, 1032, 4)])
+def test_cpu_gather_rows_fp8(T, K, k, seed):
+    xq, xs = quantized_tokens(T, K)
+    rows = torch.randperm(T * k).to(torch.int32)
+    a, a_scale = ops.gather_rows_fp8(xq, xs, rows, k)
+    tokens = rows.long() // k
+    assert torch.equal(u8(a), u8(xq)[tokens]) and torch.equal(a_scale, xs[tokens])
+
+
+@pytest.mark.parametrize("R,I", [(0, 64), (1, 64), (17, 200), (4, 1536)])
+def test_cpu_silu_mul_quantize_fp8(R, I, seed):
+    x = (torch.randn(R, 2 * I) * 3).to(torch.bfloat16)
+    if R:
+        x[0] = 0  # an all-zero row takes the minimum scale
+    q, s = ops.silu_mul_quantize_fp8(x)
+    v = torch.nn.functional.silu(x[:, :I].float()) * x[:, I:].float()
+    expect_s = torch.clamp(v.abs().amax(dim=1, keepdim=True) / 448, min=formats.FP8_MIN_SCALE) if R else s
+    assert torch.equal(s, expect_s)
+    if R:
+        assert s[0, 0] == formats.FP8_MIN_SCALE
+        # e4m3: relative error <= 2^-4 for normals, absolute <= scale * 2^-10 for subnormals
+        torch.testing.assert_close(q.float() * s, v, rtol=2**-4, atol=s.max().item() * 2**-10)
+
+
+@pytest.mark.parametrize("T,k,H", [(0, 2, 64), (1, 8, 64), (13, 3, 36), (40, 8, 1030)])
+def test_cpu_combine(T, k, H, seed):
+    y = torch.randn(T * k, H).to(torch.bfloat16)
+    f2s = torch.randperm(T * k).to(torch.int32).view(T, k)
+    w = torch.rand(T, k)
+    out = ops.combine(y, f2s, w)
+    assert out.dtype == torch.bfloat16 and out.shape == (T, H)
+    expect = sum(w[:, j:j + 1].double() * y[f2s[:, j].long()].double() for j in range(k)) if T \
+        else torch.zeros(0, H)
+    torch.testing.assert_close(out.double(), expect.double(), rtol=2**-8, atol=0)
+
+
+def test_meta_shapes():
+    m = "meta"
+    w, ids = ops.select_experts(torch.empty(5, 60, device=m), torch.empty(60, device=m), 6, "sigmoid",
+                                True, 4, 2, 1.0)
+    assert w.shape == (5, 6) and ids.shape == (5, 6) and ids.dtype == torch.int32
+    rows, f2s, off = ops.sort_by_expert(torch.empty(5, 6, dtype=torch.int32, device=m), 60)
+    assert rows.shape == (30,) and f2s.shape == (5, 6) and off.shape == (61,) and off.dtype == torch.int64
+    a, s = ops.gather_rows_fp8(torch.empty(5, 64, dtype=FP8, device=m), torch.empty(5, 1, device=m),
+                               rows, 6)
+    assert a.shape == (30, 64) and a.dtype == FP8 and s.shape == (30, 1)
+    q, s = ops.silu_mul_quantize_fp8(torch.empty(30, 128, dtype=torch.bfloat16, device=m))
+    assert q.shape == (30, 64) and q.dtype == FP8 and s.shape == (30, 1)
+    out = ops.combine(torch.empty(30, 64, dtype=torch.bfloat16, device=m), f2s, w)
+    assert out.shape == (5, 64) and out.dtype == torch.bfloat16
+
+
+# ==========================================================================================
+# Bad inputs: clear errors before anything runs
+# ==========================================================================================
+def _logits(T=4, E=8):
+    return torch.randn(T, E)
+
+
+BAD_CALLS = {
+    "select: int logits": (lambda: ops.select_experts(torch.zeros(4, 8, dtype=torch.int32), None, 2,
+                                                      "softmax", True, 0, 0, 1.0), "dtype"),
+    "select: rank 3": (lambda: ops.select_experts(torch.randn(2, 4, 8), None, 2, "softmax", True, 0, 0,
+                                                  1.0), "rank"),
+    "select: top_k > E": (lambda: ops.select_experts(_logits(), None, 9, "softmax", True, 0, 0, 1.0),
+                          "top_k"),
+    "select: top_k = 0": (lambda: ops.select_experts(_logits(), None, 0, "softmax", True, 0, 0, 1.0),
+                          "top_k"),
+    "select: scoring": (lambda: ops.select_experts(_logits(), None, 2, "relu", True, 0, 0, 1.0),
+                        "scoring"),
+    "select: bias shape": (lambda: ops.select_experts(_logits(), torch.zeros(7), 2, "sigmoid", True, 0, 0,
+                                                      1.0), "correction_bias"),
+    "select: n_group": (lambda: ops.select_experts(_logits(), None, 2, "sigmoid", True, 3, 1, 1.0),
+                        "n_group"),
+    "select: topk_group": (lambda: ops.select_experts(_logits(), None, 2, "sigmoid", True, 4, 5, 1.0),
+                           "topk_group"),
+    "select: k beyond groups": (lambda: ops.select_experts(_logits(), None, 3, "sigmoid", True, 4, 1, 1.0),
+                                "exceeds"),
+    "sort: int64 ids": (lambda: ops.sort_by_expert(torch.zeros(4, 2, dtype=torch.int64), 8), "dtype"),
+    "sort: rank 1": (lambda: ops.sort_by_expert(torch.zeros(8, dtype=torch.int32), 8), "rank"),
+    "sort: no experts": (lambda: ops.sort_by_expert(torch.zeros(4, 2, dtype=torch.int32), 0),
+                         "num_experts"),
+    "sort: id too big": (lambda: ops.sort_by_expert(torch.full((4, 2), 8, dtype=torch.int32), 8),
+                         "outside"),
+    "sort: negative id": (lambda: ops.sort_by_expert(torch.full((4, 2), -1, dtype=torch.int32), 8),
+                          "outside"),
+    "sort: not contiguous": (lambda: ops.sort_by_expert(torch.zeros(2, 4, dtype=torch.int32).t(), 8),
+                             "contiguous"),
+    "gather: bf16 tokens": (lambda: ops.gather_rows_fp8(torch.zeros(4, 64, dtype=torch.bfloat16),
+                                                        torch.ones(4, 1), torch.zeros(8, dtype=torch.int32),
+                                                        2), "dtype"),
+    "gather: scale shape": (lambda: ops.gather_rows_fp8(torch.zeros(4, 64, dtype=FP8), torch.ones(4),
+                                                        torch.zeros(8, dtype=torch.int32), 2), "x_scale"),
+    "gather: rows != T*k": (lambda: ops.gather_rows_fp8(torch.zeros(4, 64, dtype=FP8), torch.ones(4, 1),
+                                                        torch.zeros(7, dtype=torch.int32), 2), "sorted_rows"),
+    "gather: int64 rows": (lambda: ops.gather_rows_fp8(torch.zeros(4, 64, dtype=FP8), torch.ones(4, 1),
+                                                       torch.zeros(8, dtype=torch.int64), 2), "dtype"),
+    "silu: odd width": (lambda: ops.silu_mul_quantize_fp8(torch.zeros(4, 63, dtype=torch.bfloat16)),
+                        "even"),
+    "silu: fp32": (lambda: ops.silu_mul_quantize_fp8(torch.zeros(4, 64)), "dtype"),
+    "silu: not contiguous": (lambda: ops.silu_mul_quantize_fp8(
+        torch.zeros(64, 4, dtype=torch.bfloat16).t()), "contiguous"),
+    "combine: rows != T*k": (lambda: ops.combine(torch.zeros(7, 16, dtype=torch.bfloat16),
+                                                 torch.zeros(4, 2, dtype=torch.int32), torch.ones(4, 2)),
+                             "T \\* top_k"),
+    "combine: weights shape": (lambda: ops.combine(torch.zeros(8, 16, dtype=torch.bfloat16),
+                                                   torch.zeros(4, 2, dtype=torch.int32), torch.ones(4, 3)),
+                               "topk_weights"),
+    "combine: fp32 y": (lambda: ops.combine(torch.zeros(8, 16), torch.zeros(4, 2, dtype=torch.int32),
+                                            torch.ones(4, 2)), "dtype"),
+    "combine: int64 index": (lambda: ops.combine(torch.zeros(8, 16, dtype=torch.bfloat16),
+                                                 torch.zeros(4, 2, dtype=torch.int64), torch.ones(4, 2)),
+                             "dtype"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_bad_inputs_refused(case):
+    call, match = BAD_CALLS[case]
+    with pytest.raises(W4A8InputError, match=match):
+        call()
+
+
+def test_bad_inputs_refused_on_meta_too():
+    # shape and dtype checks run in the fake kernels as well (torch.compile tracing sees them)
+    with pytest.raises(W4A8InputError, match="even"):
+        ops.silu_mul_quantize_fp8(torch.empty(4, 63, dtype=torch.bfloat16, device="meta"))
+    with pytest.raises(W4A8InputError, match="T \\* top_k"):
+        ops.combine(torch.empty(7, 16, dtype=torch.bfloat16, device="meta"),
+                    torch.empty(4, 2, dtype=torch.int32, device="meta"), torch.empty(4, 2, device="meta"))
+
+
+# ==========================================================================================
+# Triton launchers under TRITON_INTERPRET=1 (CPU tensors)
+# ==========================================================================================
+if not INTERPRETED:
+    def test_triton_launchers_under_interpreter():
+        pytest.importorskip("triton")
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
+                               "test_interp_", __file__], env=env, capture_output=True, text=True,
+                              timeout=1800)
+        assert proc.returncode == 0, f"interpreted run failed:\n{proc.stdout[-20000:]}\n{proc.stderr[-5000:]}"
+        assert " passed" in proc.stdout and " skipped" not in proc.stdout, proc.stdout[-5000:]
+
+
+def _launch(name):
+    import importlib
+    return importlib.import_module(f"inductor_w4a8.launch.{name}")
+
+
+@interp
+@pytest.mark.parametrize("routing", ROUTINGS, ids=ROUTING_IDS)
+@pytest.mark.parametrize("T", [0, 1, 19])
+def test_interp_select_experts(routing, T, seed):
+    args = routing_args(T, routing)
+    with poisoned_empty():
+        w, ids = _launch("routing").select_experts(*args)
+    assert_valid_routing(w, ids, *args)
+    ref_w, ref_ids = reference.select_experts(*args)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(w, ref_w, rtol=1e-6, atol=1e-7)
+
+
+@interp
+def test_interp_select_experts_bf16_strided_logits(seed):
+    routing = ROUTINGS[2]
+    logits, *rest = routing_args(9, routing, dtype=torch.bfloat16)
+    wide = torch.randn(9, 2 * logits.shape[1]).to(torch.bfloat16)
+    wide[:, ::2] = logits
+    w, ids = _launch("routing").select_experts(wide[:, ::2], *rest)
+    assert_valid_routing(w, ids, logits, *rest)
+
+
+@interp
+def test_interp_select_experts_nan_logits_stay_in_range():
+    logits = torch.full((3, 7), float("nan"))
+    _, ids = _launch("routing").select_experts(logits, None, 3, "softmax", True, 0, 0, 1.0)
+    assert bool(((ids >= 0) & (ids < 7)).all())
+
+
+@interp
+@pytest.mark.parametrize("T,k,E,chunk", [(0, 8, 7, None), (1, 8, 160, None), (5, 3, 7, None),
+                                         (100, 8, 60, None), (100, 8, 60, 16), (37, 4, 7, 16),
+                                         (300, 6, 5, 32), (64, 2, 1, 16)])
+def test_interp_sort_by_expert(T, k, E, chunk, seed):
+    ids = sort_inputs(T, k, E)
+    with poisoned_empty():
+        got = _launch("moe_sort").sort_by_expert(ids, E, chunk=chunk)
+    for g, r in zip(got, reference.sort_by_expert(ids, E)):
+        assert g.dtype == r.dtype and torch.equal(g, r)
+
+
+@interp
+def test_interp_sort_by_expert_many_chunk_tiles(monkeypatch, seed):
+    mod = _launch("moe_sort")
+    monkeypatch.setattr(mod, "SCAN_CHUNKS", 2)  # the scan loops over several chunk tiles
+    ids = sort_inputs(90, 2, 7)
+    got = mod.sort_by_expert(ids, 7, chunk=16)
+    for g, r in zip(got, reference.sort_by_expert(ids, 7)):
+        assert torch.equal(g, r)
+
+
+@interp
+def test_interp_sort_by_expert_clamps_bad_ids():
+    ids = torch.tensor([[3, -5], [100, 0], [2**31 - 1, -2**31]], dtype=torch.int32)
+    for chunk in (None, 16):
+        got = _launch("moe_sort").sort_by_expert(ids, 4, chunk=chunk)
+        for g, r in zip(got, reference.sort_by_expert(ids, 4)):
+            assert torch.equal(g, r)
+
+
+@interp
+@pytest.mark.parametrize("T,K,k", [(0, 64, 2), (1, 64, 8), (13, 36, 3), (7, 10, 2), (5, 0, 2),
+                                   (40, 1032, 4)])
+def test_interp_gather_rows_fp8(T, K, k, seed):
+    xq, xs = quantized_tokens(T, K)
+    rows = torch.randperm(T * k).to(torch.int32)
+    if T:
+        rows[0], rows[-1] = -5, 10**6  # out of range: clamped, never out of bounds
+    with poisoned_empty():
+        a, a_scale = _launch("moe_gather").gather_rows_fp8(xq, xs, rows, k)
+    ref_a, ref_s = reference.gather_rows_fp8(xq, xs, rows, k)
+    assert torch.equal(u8(a), u8(ref_a)) and torch.equal(a_scale, ref_s)
+
+
+@interp
+@pytest.mark.parametrize("R,I,block_i", [(0, 64, None), (1, 64, None), (13, 36, None), (7, 100, 32),
+                                         (5, 0, None), (6, 1536, None), (3, 3000, 1024)])
+def test_interp_silu_mul_quantize_fp8(R, I, block_i, seed):
+    x = (torch.randn(R, 2 * I) * 3).to(torch.bfloat16)
+    if R:
+        x[0] = 0
+    with poisoned_empty():
+        q, s = _launch("silu_mul_quant").silu_mul_quantize_fp8(x, block_i=block_i)
+    ref_q, ref_s = reference.silu_mul_quantize_fp8(x)
+    assert_fp8_close(q, s, ref_q, ref_s)
+
+
+def assert_fp8_close(q, s, ref_q, ref_s, *, max_flip_fraction=1e-3):
+    """Scales equal to an ulp and fp8 codes equal but for rare 1-code flips (exp rounding)."""
+    assert q.dtype == FP8 and s.dtype == torch.float32 and q.shape == ref_q.shape
+    torch.testing.assert_close(s, ref_s, rtol=5e-7, atol=0)  # amax through exp: a few ulps
+    diff = (u8(q).int() - u8(ref_q).int()).abs()
+    assert int(diff.max()) <= 1 if diff.numel() else True
+    assert float((diff != 0).float().mean()) <= max_flip_fraction if diff.numel() else True
+
+
+@interp
+@pytest.mark.parametrize("T,k,H", [(0, 2, 5), (1, 8, 64), (13, 3, 36), (7, 1, 100), (5, 2, 0),
+                                   (40, 8, 1030)])
+def test_interp_combine(T, k, H, seed):
+    y = torch.randn(T * k, H).to(torch.bfloat16)
+    f2s = torch.randperm(T * k).to(torch.int32).view(T, k)
+    w = torch.rand(T, k)
+    with poisoned_empty():
+        out = _launch("moe_combine").combine(y, f2s, w)
+    assert torch.equal(out, reference.combine(y, f2s, w).to(torch.bfloat16))
+
+
+@interp
+def test_interp_combine_clamps_bad_rows():
+    y = torch.randn(6, 8).to(torch.bfloat16)
+    f2s = torch.tensor([[-3, 1], [2, 99], [4, 5]], dtype=torch.int32)
+    w = torch.rand(3, 2)
+    out = _launch("moe_combine").combine(y, f2s, w)
+    assert torch.equal(out, reference.combine(y, f2s, w).to(torch.bfloat16))
+
+
+# ==========================================================================================
+# CUDA: the ops vs the CPU kernels, boundaries, poisoned outputs
+# ==========================================================================================
+def _cpu(t):
+    return t.cpu() if isinstance(t, torch.Tensor) else t
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("T", BOUNDARY_T)
+@pytest.mark.parametrize("routing", ROUTINGS, ids=ROUTING_IDS)
+def test_cuda_select_experts(T, routing, seed):
+    args = routing_args(T, routing, device="cuda")
+    with poisoned_empty():
+        w, ids = ops.select_experts(*args)
+    assert_valid_routing(w, ids, *[_cpu(a) for a in args])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("T", BOUNDARY_T + (0,))
+@pytest.mark.parametrize("k,E", [(8, 160), (6, 60), (2, 7), (1, 1)])
+def test_cuda_sort_by_expert_exact(T, k, E, seed):
+    ids = sort_inputs(T, k, E)
+    with poisoned_empty():
+        got = ops.sort_by_expert(ids.cuda(), E)
+    for g, r in zip(got, ops.sort_by_expert(ids, E)):
+        assert g.dtype == r.dtype and torch.equal(g.cpu(), r)
+
+
+@pytest.mark.cuda
+def test_cuda_sort_by_expert_skewed():
+    # every token to one expert, and every token to the last: the largest per-expert counts
+    for E, fill in ((160, 0), (160, 159), (7, 3)):
+        ids = torch.full((8192, 8), fill, dtype=torch.int32)
+        got = ops.sort_by_expert(ids.cuda(), E)
+        for g, r in zip(got, ops.sort_by_expert(ids, E)):
+            assert torch.equal(g.cpu(), r)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("T", BOUNDARY_T)
+@pytest.mark.parametrize("K,k", [(5120, 8), (1536, 6), (72, 2)])
+def test_cuda_gather_rows_fp8_exact(T, K, k, seed):
+    xq, xs = quantized_tokens(T, K)
+    rows = torch.randperm(T * k).to(torch.int32)
+    with poisoned_empty():
+        a, a_scale = ops.gather_rows_fp8(xq.cuda(), xs.cuda(), rows.cuda(), k)
+    ref_a, ref_s = ops.gather_rows_fp8(xq, xs, rows, k)
+    assert torch.equal(u8(a).cpu(), u8(ref_a)) and torch.equal(a_scale.cpu(), ref_s)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("R", BOUNDARY_T)
+@pytest.mark.parametrize("I", [1536, 192, 5000])
+def test_cuda_silu_mul_quantize_fp8(R, I, seed):
+    x = (torch.randn(R, 2 * I) * 3).to(torch.bfloat16)
+    x[0] = 0
+    with poisoned_empty():
+        q, s = ops.silu_mul_quantize_fp8(x.cuda())
+    ref_q, ref_s = ops.silu_mul_quantize_fp8(x)
+    assert_fp8_close(q.cpu(), s.cpu(), ref_q, ref_s)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("T", BOUNDARY_T)
+@pytest.mark.parametrize("k,H", [(8, 5120), (2, 72)])
+def test_cuda_combine_exact(T, k, H, seed):
+    y = torch.randn(T * k, H).to(torch.bfloat16)
+    f2s = torch.randperm(T * k).to(torch.int32).view(T, k)
+    w = torch.rand(T, k)
+    with poisoned_empty():
+        out = ops.combine(y.cuda(), f2s.cuda(), w.cuda())
+    assert torch.equal(out.cpu(), ops.combine(y, f2s, w))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("op_case", ["select", "sort", "gather", "silu", "combine"])
+def test_cuda_opcheck(op_case, seed):
+    d = "cuda"
+    if op_case == "select":
+        opcheck(ops.select_experts, routing_args(33, ROUTINGS[3], device=d))
+    elif op_case == "sort":
+        opcheck(ops.sort_by_expert, (random_ids(513, 8, 160, device=d), 160))
+    elif op_case == "gather":
+        xq, xs = quantized_tokens(33, 256, device=d)
+        opcheck(ops.gather_rows_fp8, (xq, xs, torch.randperm(33 * 8, device=d).to(torch.int32), 8))
+    elif op_case == "silu":
+        opcheck(ops.silu_mul_quantize_fp8, ((torch.randn(33, 384, device=d) * 3).to(torch.bfloat16),))
+    else:
+        y = torch.randn(33 * 8, 256, device=d).to(torch.bfloat16)
+        f2s = torch.randperm(33 * 8, device=d).to(torch.int32).view(33, 8)
+        opcheck(ops.combine, (y, f2s, torch.rand(33, 8, device=d)))
+
+
+@pytest.mark.cuda
+def test_cuda_plumbing_capturable():
+    """Route, sort, gather, act-quant and combine captured in one CUDA graph, replayed on new data."""
+    T, E, k, H, I = 513, 60, 6, 256, 192
+    logits = torch.randn(T, E, device="cuda")
+    bias = torch.randn(E, device="cuda") * 0.1
+    xq, xs = quantized_tokens(T, H, device="cuda")
+    h = (torch.randn(T * k, 2 * I, device="cuda") * 3).to(torch.bfloat16)
+    y = torch.randn(T * k, H, device="cuda").to(torch.bfloat16)
+
+    def run():
+        w, ids = ops.select_experts(logits, bias, k, "sigmoid", True, 4, 2, 2.5)
+        rows, f2s, off = ops.sort_by_expert(ids, E)
+        a, a_s = ops.gather_rows_fp8(xq, xs, rows, k)
+        q, s = ops.silu_mul_quantize_fp8(h)
+        return w, ids, rows, f2s, off, a, a_s, q, s, ops.combine(y, f2s, w)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()  # warm up (compile) outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = run()
+    for _ in range(2):
+        logits.copy_(torch.randn(T, E))
+        y.copy_(torch.randn(T * k, H).to(torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        for got, want in zip(outs, run()):
+            assert torch.equal(got.view(torch.uint8) if got.dtype == FP8 else got,
+                               want.view(torch.uint8) if want.dtype == FP8 else want)

@@ -1,0 +1,324 @@
+"""compressed-tensors W4A8 checkpoints: the writer's format, loading every key spelling into
+W4A8MoE, padding of I to whole groups, tensor-parallel loading, and refusal of non-W4A8 configs."""
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from inductor_w4a8 import formats, reference
+from inductor_w4a8.moe import W4A8MoE
+from inductor_w4a8.testing import rel_error
+from inductor_w4a8.weights import (W4A8CheckpointError, load_w4a8_checkpoint, moe_routing_from_config,
+                                   parse_quantization_config, quantization_config_dict,
+                                   save_w4a8_checkpoint)
+
+LAYER = "model.layers.0.mlp"
+QWEN = {"model_type": "qwen3_moe", "num_experts_per_tok": 2, "norm_topk_prob": True}
+GLM = {"model_type": "glm4_moe", "num_experts_per_tok": 2, "norm_topk_prob": True, "n_group": 2,
+       "topk_group": 1, "routed_scaling_factor": 2.5}
+
+
+def bf16_experts(E=4, H=128, I=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w1 = (torch.randn(E, I, H, generator=g) * 0.05).to(torch.bfloat16)
+    w3 = (torch.randn(E, I, H, generator=g) * 0.05).to(torch.bfloat16)
+    w2 = (torch.randn(E, H, I, generator=g) * 0.05).to(torch.bfloat16)
+    return w1, w3, w2
+
+
+def expected_layer(w1, w3, w2, G, routing, bias=None):
+    """The same weights through W4A8MoE.from_float: what loading must reproduce bit for bit."""
+    moe = W4A8MoE.from_float(w1, w3, w2, group_size=G, e_score_correction_bias=bias, **routing)
+    moe.process_weights_after_loading()
+    return moe
+
+
+def inputs(E, H, T=11, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(T, H, generator=g).to(torch.bfloat16), torch.randn(T, E, generator=g))
+
+
+def dense_reference(x, logits, w1, w3, w2, routing, bias=None):
+    """fp64 MoE of the given (dequantized or bf16) weights, exact activations."""
+    w, ids = reference.select_experts(logits, bias, routing["top_k"], routing["scoring"],
+                                      routing["renormalize"], routing["n_group"] or 0,
+                                      routing["topk_group"] or 0, routing["routed_scaling_factor"])
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            xe = x[t].double()
+            h = torch.nn.functional.silu(w1[e].double() @ xe) * (w3[e].double() @ xe)
+            out[t] += float(w[t, j]) * (w2[e].double() @ h)
+    return out
+
+
+def dequant(w, G):
+    packed, scale = formats.quantize_w4(w, G)
+    return formats.dequantize_w4(formats.unpack_int4(packed, biased=True), scale, G)
+
+
+# ------------------------------------------------------------------------------------------------
+# The written format
+# ------------------------------------------------------------------------------------------------
+def test_writer_writes_llm_compressor_keys_and_config(tmp_path):
+    w1, w3, w2 = bf16_experts(E=3, H=128, I=64)
+    path = save_w4a8_checkpoint(tmp_path, {LAYER: (w1, w3, w2)}, group_size=64, config=QWEN)
+    cfg = json.loads((path / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
+    assert qc["quantization_status"] == "compressed"
+    grp = qc["config_groups"]["group_0"]
+    assert {k: grp["weights"][k] for k in ("num_bits", "type", "symmetric", "strategy", "group_size")} == \
+        {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64}
+    assert {k: grp["input_activations"][k] for k in ("num_bits", "type", "dynamic", "strategy")} == \
+        {"num_bits": 8, "type": "float", "dynamic": True, "strategy": "token"}
+    assert cfg["num_experts_per_tok"] == 2
+    tensors = load_file(str(path / "model.safetensors"))
+    assert len(tensors) == 3 * 3 * 3
+    for e in range(3):
+        for proj, w, (N, K) in (("gate_proj", w1, (64, 128)), ("up_proj", w3, (64, 128)),
+                                ("down_proj", w2, (128, 64))):
+            base = f"{LAYER}.experts.{e}.{proj}"
+            packed, scale = tensors[f"{base}.weight_packed"], tensors[f"{base}.weight_scale"]
+            assert packed.dtype == torch.int32 and tuple(packed.shape) == (N, K // 8)
+            assert scale.dtype == torch.bfloat16 and tuple(scale.shape) == (N, K // 64)
+            assert tensors[f"{base}.weight_shape"].tolist() == [N, K]
+            # the stored int4 is exactly formats.quantize_w4 of the expert (uint4b8, low nibble first)
+            ref_packed, ref_scale = formats.quantize_w4(w[e], 64)
+            assert torch.equal(packed, ref_packed) and torch.equal(scale, ref_scale)
+
+
+@pytest.mark.parametrize("layout,shard", [("per_expert", None), ("stacked", None), ("per_expert", 40_000)])
+@pytest.mark.parametrize("scale_mode", ["exact", "fp8"])
+def test_load_equals_from_float(tmp_path, layout, shard, scale_mode):
+    w1, w3, w2 = bf16_experts(E=4, H=128, I=96)
+    extra = {f"{LAYER}.gate.weight": torch.randn(4, 128).to(torch.bfloat16)}
+    path = save_w4a8_checkpoint(tmp_path, {LAYER: (w1, w3, w2)}, group_size=32, config=QWEN,
+                                tensors=extra, layout=layout, max_shard_bytes=shard)
+    if shard:
+        assert (path / "model.safetensors.index.json").exists()
+        assert len(list(path.glob("model-*-of-*.safetensors"))) > 1
+    ckpt = load_w4a8_checkpoint(path, scale_mode=scale_mode)
+    assert ckpt.quant.group_size == 32
+    assert list(ckpt.moe_layers) == [LAYER]
+    assert torch.equal(ckpt.tensors[f"{LAYER}.gate.weight"], extra[f"{LAYER}.gate.weight"])
+    moe = ckpt.moe_layers[LAYER]
+    routing = moe_routing_from_config(QWEN)
+    assert (moe.top_k, moe.scoring, moe.renormalize, moe.scale_mode) == (2, "softmax", True, scale_mode)
+    ref = expected_layer(w1, w3, w2, 32, {**routing, "scale_mode": scale_mode})
+    for name, t in ref.state_dict().items():
+        assert torch.equal(moe.state_dict()[name].view(torch.uint8) if t.dtype == torch.float8_e4m3fn
+                           else moe.state_dict()[name], t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn
+                           else t), name
+    x, logits = inputs(4, 128)
+    y = moe(x, logits)
+    assert torch.equal(y, ref(x, logits))
+    # and the layer computes the MoE of the checkpoint's weights (fp8 activations aside)
+    exact = dense_reference(x, logits, dequant(w1, 32), dequant(w3, 32), dequant(w2, 32), routing)
+    assert rel_error(y, exact) < 0.06
+
+
+def test_spellings_mixtral_names_and_stacked_projections(tmp_path):
+    """Mixtral's w1/w3/w2 per-expert names and per-projection stacked keys load the same layer."""
+    w1, w3, w2 = bf16_experts(E=4, H=128, I=64)
+    base = save_w4a8_checkpoint(tmp_path / "base", {LAYER: (w1, w3, w2)}, group_size=64, config=QWEN)
+    tensors = load_file(str(base / "model.safetensors"))
+    cfg = json.loads((base / "config.json").read_text())
+    ref = load_w4a8_checkpoint(base).moe_layers[LAYER]
+    x, logits = inputs(4, 128)
+    y_ref = ref(x, logits)
+
+    renamed = {k.replace("gate_proj", "w1").replace("up_proj", "w3").replace("down_proj", "w2"): v
+               for k, v in tensors.items()}
+    stacked = {}
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        for field in ("weight_packed", "weight_scale"):
+            stacked[f"{LAYER}.experts.{proj}.{field}"] = torch.stack(
+                [tensors[f"{LAYER}.experts.{e}.{proj}.{field}"] for e in range(4)])
+    fused = {k: v for k, v in stacked.items() if "down_proj" in k}
+    for field in ("weight_packed", "weight_scale"):
+        fused[f"{LAYER}.experts.gate_up_proj.{field}"] = torch.cat(
+            [stacked[f"{LAYER}.experts.gate_proj.{field}"], stacked[f"{LAYER}.experts.up_proj.{field}"]], 1)
+    for name, state in (("mixtral", renamed), ("stacked", stacked), ("fused", fused)):
+        d = tmp_path / name
+        d.mkdir()
+        save_file(state, str(d / "model.safetensors"))
+        (d / "config.json").write_text(json.dumps(cfg))
+        assert torch.equal(load_w4a8_checkpoint(d).moe_layers[LAYER](x, logits), y_ref), name
+
+
+def test_sigmoid_routing_and_bias_from_config(tmp_path):
+    w1, w3, w2 = bf16_experts(E=4, H=128, I=128)
+    bias = torch.randn(4) * 0.1
+    path = save_w4a8_checkpoint(tmp_path, {LAYER: (w1, w3, w2)}, group_size=128, config=GLM,
+                                tensors={f"{LAYER}.gate.e_score_correction_bias": bias})
+    ckpt = load_w4a8_checkpoint(path)
+    moe = ckpt.moe_layers[LAYER]
+    assert (moe.scoring, moe.n_group, moe.topk_group, moe.routed_scaling_factor) == ("sigmoid", 2, 1, 2.5)
+    assert torch.equal(moe.e_score_correction_bias, bias)
+    assert f"{LAYER}.gate.e_score_correction_bias" not in ckpt.tensors      # consumed by the layer
+    routing = moe_routing_from_config(GLM)
+    x, logits = inputs(4, 128)
+    assert torch.equal(moe(x, logits), expected_layer(w1, w3, w2, 128, routing, bias)(x, logits))
+
+
+def test_routing_from_hf_configs():
+    assert moe_routing_from_config({"model_type": "mixtral", "num_experts_per_tok": 2}) == {
+        "top_k": 2, "scoring": "softmax", "renormalize": True, "n_group": None, "topk_group": None,
+        "routed_scaling_factor": 1.0}
+    assert moe_routing_from_config({"model_type": "qwen3_moe", "num_experts_per_tok": 8})["renormalize"] is False
+    ds = moe_routing_from_config({"model_type": "deepseek_v3", "num_experts_per_tok": 8, "n_group": 8,
+                                  "topk_group": 4, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid"})
+    assert (ds["scoring"], ds["n_group"], ds["topk_group"], ds["renormalize"]) == ("sigmoid", 8, 4, True)
+    # GLM-4.6: n_group = 1 is no grouping
+    glm = moe_routing_from_config({"model_type": "glm4_moe", "num_experts_per_tok": 8, "n_group": 1,
+                                   "topk_group": 1, "routed_scaling_factor": 2.5})
+    assert (glm["scoring"], glm["n_group"]) == ("sigmoid", None)
+    with pytest.raises(W4A8CheckpointError, match="num_experts_per_tok"):
+        moe_routing_from_config({"model_type": "llama"})
+
+
+def test_intermediate_not_a_multiple_of_the_group_is_padded(tmp_path):
+    """I = 48 with G = 32 (compressed-tensors stores ceil(48 / 32) = 2 groups): the layer pads I
+    to 64 with zero channels and computes exactly the layer of the zero-padded weights."""
+    E, H, I, G = 3, 64, 48, 32
+    w1, w3, w2 = bf16_experts(E=E, H=H, I=I)
+    pad = 64 - I
+    p1, p3 = torch.nn.functional.pad(w1, (0, 0, 0, pad)), torch.nn.functional.pad(w3, (0, 0, 0, pad))
+    p2 = torch.nn.functional.pad(w2, (0, pad))
+    full = save_w4a8_checkpoint(tmp_path / "padded", {LAYER: (p1, p3, p2)}, group_size=G, config=QWEN)
+    t = load_file(str(full / "model.safetensors"))
+    # cut the padded checkpoint back to I = 48 (what a writer of the unpadded layer stores)
+    cut = {}
+    for k, v in t.items():
+        if ".gate_proj." in k or ".up_proj." in k:
+            cut[k] = v[:I] if not k.endswith("weight_shape") else torch.tensor([I, H])
+        elif k.endswith("down_proj.weight_packed"):
+            cut[k] = v[:, :I // 8].contiguous()
+        elif k.endswith("down_proj.weight_shape"):
+            cut[k] = torch.tensor([H, I])
+        else:
+            cut[k] = v
+    d = tmp_path / "cut"
+    d.mkdir()
+    save_file(cut, str(d / "model.safetensors"))
+    (d / "config.json").write_text((full / "config.json").read_text())
+    moe = load_w4a8_checkpoint(d).moe_layers[LAYER]
+    assert moe.intermediate_size == 64 and moe.tp_shard.tail == 16
+    x, logits = inputs(E, H)
+    ref = expected_layer(p1, p3, p2, G, moe_routing_from_config(QWEN))
+    assert torch.equal(moe(x, logits), ref(x, logits))
+
+
+def test_tensor_parallel_shards_sum_to_the_layer(tmp_path):
+    """Loading rank r of TP=world in one process: the shards' outputs sum to the TP=1 output
+    (up to the per-rank fp8 quantization of the intermediate activations)."""
+    E, H, I, G = 4, 128, 192, 64
+    w1, w3, w2 = bf16_experts(E=E, H=H, I=I)
+    path = save_w4a8_checkpoint(tmp_path, {LAYER: (w1, w3, w2)}, group_size=G, config=QWEN)
+    x, logits = inputs(E, H, T=16)
+    y1 = load_w4a8_checkpoint(path).moe_layers[LAYER](x, logits).double()
+    exact = dense_reference(x, logits, dequant(w1, G), dequant(w3, G), dequant(w2, G),
+                            moe_routing_from_config(QWEN))
+    for world in (2, 4, 5):
+        shards = [load_w4a8_checkpoint(path, tp_rank=r, tp_size=world).moe_layers[LAYER] for r in range(world)]
+        assert sum(s.tp_shard.end - s.tp_shard.start for s in shards) == I
+        y = sum(s(x, logits).double() for s in shards)
+        assert rel_error(y, y1) < 0.05, world
+        assert rel_error(y, exact) < 1.2 * rel_error(y1, exact) + 0.01, world
+
+
+# ------------------------------------------------------------------------------------------------
+# Refusals
+# ------------------------------------------------------------------------------------------------
+def _config(**changes):
+    cfg = {"quantization_config": quantization_config_dict(128)}
+    grp = cfg["quantization_config"]["config_groups"]["group_0"]
+    for path, value in changes.items():
+        section, _, key = path.partition("__")
+        if key:
+            grp[section][key] = value
+        elif section in ("format", "quant_method", "quantization_status"):
+            cfg["quantization_config"][section] = value
+        else:
+            grp[section] = value
+    return cfg
+
+
+@pytest.mark.parametrize("changes,found", [
+    ({"weights__num_bits": 8}, "weights.num_bits=8"),
+    ({"weights__symmetric": False}, "weights.symmetric=False"),
+    ({"weights__strategy": "channel"}, "weights.strategy='channel'"),
+    ({"weights__type": "float"}, "weights.type='float'"),
+    ({"weights__group_size": 16}, "weights.group_size=16"),
+    ({"weights__actorder": "group"}, "weights.actorder='group'"),
+    ({"input_activations__dynamic": False}, "input_activations.dynamic=False"),
+    ({"input_activations__strategy": "tensor"}, "input_activations.strategy='tensor'"),
+    ({"input_activations__type": "int"}, "input_activations.type='int'"),
+    ({"input_activations__num_bits": 4}, "input_activations.num_bits=4"),
+    ({"input_activations": None}, "input_activations=None"),
+    ({"format": "int-quantized"}, "format='int-quantized'"),
+    ({"quant_method": "fp8"}, "quant_method='fp8'"),
+    ({"quantization_status": "frozen"}, "quantization_status='frozen'"),
+])
+def test_non_w4a8_configs_are_refused_with_what_was_found(changes, found):
+    with pytest.raises(W4A8CheckpointError) as err:
+        parse_quantization_config(_config(**changes), [f"{LAYER}.experts.0.gate_proj"])
+    assert found in str(err.value)
+
+
+def test_config_group_selection_by_target():
+    cfg = _config()
+    groups = cfg["quantization_config"]["config_groups"]
+    groups["group_0"]["targets"] = ["re:.*experts.*"]
+    groups["group_1"] = copy.deepcopy(groups["group_0"])
+    groups["group_1"]["targets"] = ["re:.*self_attn.*"]
+    groups["group_1"]["weights"]["num_bits"] = 8            # attention in another scheme: fine
+    assert parse_quantization_config(cfg, [f"{LAYER}.experts.0.gate_proj"]).group_size == 128
+    with pytest.raises(W4A8CheckpointError, match="group_1"):
+        parse_quantization_config(cfg)                     # without module names every group counts
+    cfg["quantization_config"]["ignore"] = ["re:.*experts.*"]
+    with pytest.raises(W4A8CheckpointError, match="ignore"):
+        parse_quantization_config(cfg, [f"{LAYER}.experts.0.gate_proj"])
+    with pytest.raises(W4A8CheckpointError, match="no quantization_config"):
+        parse_quantization_config({"model_type": "qwen3_moe"})
+
+
+def test_bad_checkpoints_are_refused(tmp_path):
+    w1, w3, w2 = bf16_experts(E=3, H=128, I=64)
+    base = save_w4a8_checkpoint(tmp_path / "base", {LAYER: (w1, w3, w2)}, group_size=64, config=QWEN)
+    tensors = load_file(str(base / "model.safetensors"))
+    cfg = (base / "config.json").read_text()
+
+    def write(name, state, config=cfg):
+        d = tmp_path / name
+        d.mkdir()
+        save_file(state, str(d / "model.safetensors"))
+        (d / "config.json").write_text(config)
+        return d
+
+    missing = {k: v for k, v in tensors.items() if ".experts.1." not in k}
+    with pytest.raises(W4A8CheckpointError, match=r"experts \[1\] are missing"):
+        load_w4a8_checkpoint(write("missing", missing))
+    bad_shape = dict(tensors)
+    bad_shape[f"{LAYER}.experts.0.gate_proj.weight_shape"] = torch.tensor([64, 256])
+    with pytest.raises(W4A8CheckpointError, match="weight_shape"):
+        load_w4a8_checkpoint(write("shape", bad_shape))
+    zp = dict(tensors)
+    zp[f"{LAYER}.experts.0.gate_proj.weight_zero_point"] = torch.zeros(64, 2, dtype=torch.int8)
+    with pytest.raises(W4A8CheckpointError, match="asymmetric"):
+        load_w4a8_checkpoint(write("zp", zp))
+    wrong_group = json.loads(cfg)
+    wrong_group["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] = 128
+    with pytest.raises(W4A8CheckpointError, match="weight_scale has shape"):
+        load_w4a8_checkpoint(write("group", tensors, json.dumps(wrong_group)))
+    with pytest.raises(W4A8CheckpointError, match="no expert tensors"):
+        load_w4a8_checkpoint(write("none", {"lm_head.weight": torch.zeros(2, 2)}))
+    with pytest.raises(W4A8CheckpointError, match="config.json"):
+        load_w4a8_checkpoint(tmp_path / "nowhere")
+    with safe_open(str(base / "model.safetensors"), framework="pt") as f:      # the base still loads
+        assert f.get_tensor(f"{LAYER}.experts.0.gate_proj.weight_packed").dtype == torch.int32
