@@ -53,6 +53,10 @@ OPTION_PREFIX = "w4a8."
 DEFAULT_INDUCTOR_OPTIONS: dict[str, Any] = {
     # kernel names that say what they compute, so profiles attribute time to our ops
     "triton.unique_kernel_names": True,
+    # round to bf16 where the code says .to(bf16), as eager does, also inside fused kernels
+    # (Inductor otherwise keeps fused intermediates in fp32): compiled == eager bit for bit on
+    # CPU, and fp8 activation quantization never sees values eager would not produce
+    "emulate_precision_casts": True,
 }
 
 

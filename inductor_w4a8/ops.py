@@ -62,6 +62,10 @@ def _check_reorder(packed: Tensor) -> None:
     op = "encode_and_reorder_int4b_grouped"
     _check_packed_weights(op, packed)
     check_rank(op, "packed", packed, 3, "[E, N, K // 8] signed int4 words")
+    K = packed.shape[2] * formats.NIBBLES_PER_WORD
+    if K % formats.GEMM_CHUNK:
+        fail(op, f"packed holds K={K} weights per row (shape[2] * 8); the GEMM layout needs K to be "
+                 f"a multiple of {formats.GEMM_CHUNK} (the smallest group size); pad K up to one")
 
 
 @torch.library.custom_op("w4a8::encode_and_reorder_int4b_grouped", mutates_args=())

@@ -91,8 +91,7 @@ def _validate(layer) -> tuple[dict[str, torch.Tensor], int, str]:
         if K % group_size:
             _fail(f"{what}={K} is not a multiple of group_size={group_size}; the checkpoint's "
                   f"group size and the layer's group_size must agree")
-    if I % formats.NIBBLES_PER_WORD:
-        _fail(f"intermediate size I={I} is not a multiple of 8 (int4 nibbles per int32 word)")
+    # (every supported group size is a multiple of 8, so I // 8 words hold I nibbles exactly)
     _check("w13_weight_packed", w13, torch.int32, (E, 2 * I, H // 8), "[E, 2I, H // 8] uint4b8 words")
     _check("w13_weight_scale", t["w13_weight_scale"], torch.bfloat16, (E, 2 * I, H // group_size),
            "[E, 2I, H // group_size] bf16 group scales")
@@ -127,8 +126,8 @@ def _validate(layer) -> tuple[dict[str, torch.Tensor], int, str]:
 def _set_param(layer, name: str, value: torch.Tensor | None) -> None:
     param = None if value is None else nn.Parameter(value, requires_grad=False)
     if isinstance(layer, nn.Module):
-        if name in layer.__dict__:
-            delattr(layer, name)
+        if hasattr(layer, name) and name not in layer._parameters:
+            delattr(layer, name)  # a plain attribute or buffer holding None (checked in _validate)
         layer.register_parameter(name, param)
     else:
         setattr(layer, name, param)

@@ -50,7 +50,12 @@ def make_inputs(T: int, moe: w4a8.W4A8MoE, device=None, seed=None):
 
 
 class MoEModel(nn.Module):
-    """A small model of several MoE layers: x += moe_i(rmsnorm(x), router_i(x)), then a norm."""
+    """A small model of several MoE layers with residuals: x = x + moe_i(x, x @ router_i).
+
+    No norm in between on purpose: Inductor's fused norms round differently from eager in the
+    last bit, and fp8 activations turn that into visible noise; without them the compiled model
+    is bitwise equal to eager on CPU, so tests can compare exactly.
+    """
 
     def __init__(self, num_layers=3, config=SMALL, device="cpu"):
         super().__init__()
@@ -61,17 +66,10 @@ class MoEModel(nn.Module):
             nn.Parameter((torch.randn(H, E, generator=g) * H ** -0.5).to(device), requires_grad=False)
             for _ in range(num_layers))
 
-    @staticmethod
-    def _norm(x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for moe, router in zip(self.layers, self.routers):
-            h = self._norm(x)
-            logits = h.float() @ router
-            x = x + moe(h, logits)
-        return self._norm(x)
+            x = x + moe(x, x.float() @ router)
+        return x
 
 
 class RecordingBackend:

@@ -161,7 +161,8 @@ def test_convert_refusal_leaves_input_untouched(bad):
     (lambda: torch.zeros(2, 3, 4, dtype=torch.int64), "packed must have dtype torch.int32"),
     (lambda: torch.zeros(3, 4, dtype=torch.int32), "packed must have rank 3"),
     (lambda: torch.zeros(2, 2, 3, 4, dtype=torch.int32), "packed must have rank 3"),
-    (lambda: torch.zeros(2, 4, 3, dtype=torch.int32).transpose(1, 2), "packed must be contiguous"),
+    (lambda: torch.zeros(2, 8, 4, dtype=torch.int32).transpose(1, 2), "packed must be contiguous"),
+    (lambda: torch.zeros(2, 3, 1, dtype=torch.int32), "K=8 weights per row"),  # layout needs K % 32
 ])
 def test_encode_refuses(bad, match, device):
     _refuses(ops.encode_and_reorder_int4b_grouped, bad(), match, device)

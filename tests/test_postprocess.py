@@ -268,3 +268,15 @@ def test_op_level_refusal_is_atomic_too(monkeypatch):
     for name in CHECKPOINT_NAMES:
         assert torch.equal(getattr(layer, name), ckpt[name])
     assert not hasattr(layer, "w13_weight")
+
+
+def test_placeholders_holding_none_are_replaced():
+    # a module may declare the processed names up front as None (attribute, buffer or parameter)
+    layer = make_layer(scale_mode="fp8")
+    layer.w13_weight = None
+    layer.register_buffer("w2_weight", None)
+    layer.register_parameter("w13_chan_scale", None)
+    process_weights_after_loading(layer)
+    assert isinstance(layer.w13_weight, nn.Parameter) and isinstance(layer.w2_weight, nn.Parameter)
+    assert layer.w13_chan_scale.dtype == torch.float32
+    assert "w2_weight" not in dict(layer.named_buffers())

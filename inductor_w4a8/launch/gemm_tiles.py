@@ -24,6 +24,7 @@ class GemmTile:
     num_warps: int
     num_stages: int
     programs_per_sm: int
+    groups_per_step: int = 1   # quantization groups per K step (1 or 2 independent dots)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -34,9 +35,9 @@ class GemmTile:
 # pipelines to keep enough weight bytes in flight. Large row counts are MMA bound: 128 x 128.
 GEMM_TILES: tuple[tuple[float, GemmTile], ...] = (
     (16, GemmTile(block_m=16, block_n=64, num_warps=4, num_stages=4, programs_per_sm=4)),
-    (32, GemmTile(block_m=32, block_n=64, num_warps=4, num_stages=4, programs_per_sm=4)),
+    (32, GemmTile(block_m=32, block_n=64, num_warps=4, num_stages=4, programs_per_sm=3)),
     (64, GemmTile(block_m=64, block_n=64, num_warps=4, num_stages=4, programs_per_sm=2)),
-    (float("inf"), GemmTile(block_m=128, block_n=128, num_warps=8, num_stages=3, programs_per_sm=1)),
+    (float("inf"), GemmTile(block_m=128, block_n=64, num_warps=4, num_stages=4, programs_per_sm=2)),
 )
 
 
@@ -51,7 +52,7 @@ def expected_rows_per_expert(R: int, E: int) -> float:
 
 
 def choose_tile(R: int, N: int, K: int, E: int, group_size: int, *, table=GEMM_TILES) -> GemmTile:
-    """The tile for a problem, from shapes only. W4A8_GEMM_TILE="bm,bn,warps,stages,ppsm" overrides."""
+    """The tile for a problem, from shapes only. W4A8_GEMM_TILE="bm,bn,warps,stages,ppsm[,gps]" overrides."""
     override = os.environ.get("W4A8_GEMM_TILE")
     if override:
         return GemmTile(*(int(v) for v in override.split(",")))

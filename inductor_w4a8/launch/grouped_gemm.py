@@ -24,16 +24,18 @@ def _interpreting() -> bool:
 def grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                  w_chan_scale: torch.Tensor | None, expert_offsets: torch.Tensor, group_size: int,
                  *, tile: GemmTile | None = None, use_asm: bool | None = None,
-                 wrap=None) -> torch.Tensor:
-    """a fp8 [R, K], a_scale fp32 [R, 1], w int32 [E, N, K // 8] (formats layout v2), w_scale
+                 wrap=None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a fp8 [R, K], a_scale fp32 [R, 1], w int32 [E, N, K // 8] (formats layout v3), w_scale
     fp8 (+ w_chan_scale fp32 [E, N, 1]) or bf16 [E, N, K // G], expert_offsets int64 [E + 1]
-    -> bf16 [R, N]. Inputs are checked by the op (ops.py) before this is called.
+    -> bf16 [R, N]. Inputs are checked by the op (ops.py) before this is called. `out` (tests:
+    a poisoned bf16 [R, N] buffer) is written instead of a fresh one when given.
 
     wrap: torch.library.wrap_triton when torch.compile traces this launcher into Inductor's
     generated code (inductor_w4a8.lowerings); then R is symbolic, so `tile` is given."""
     R, K = a.shape
     E, N, _ = w.shape
-    out = torch.empty((R, N), dtype=torch.bfloat16, device=a.device)
+    if out is None:
+        out = torch.empty((R, N), dtype=torch.bfloat16, device=a.device)
     if R == 0 or N == 0:
         return out
     if tile is None:
@@ -51,7 +53,7 @@ def grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scal
         GROUP=group_size, HAS_CHAN=has_chan,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
         BLOCK_E=max(16, triton.next_power_of_2(E)),
-        USE_ASM=use_asm,
+        USE_ASM=use_asm, GROUPS_PER_STEP=tile.groups_per_step,
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     return out

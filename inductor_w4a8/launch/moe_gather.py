@@ -8,6 +8,7 @@ from ._common import cdiv, device_guard, next_pow2
 
 TILE_WORDS = 4096
 MAX_BLOCK_K = 1024
+MIN_BLOCK_K = 128
 
 
 def gather_rows_fp8(xq: torch.Tensor, x_scale: torch.Tensor, sorted_rows: torch.Tensor, top_k: int):
@@ -24,6 +25,8 @@ def gather_rows_fp8(xq: torch.Tensor, x_scale: torch.Tensor, sorted_rows: torch.
     src, dst = xq.view(torch.uint8).view(word), a.view(torch.uint8).view(word)
     words = src.shape[1]
     block_k = min(next_pow2(words), MAX_BLOCK_K)  # words = 0 (K = 0): the scales alone
+    while block_k > MIN_BLOCK_K and words % block_k:  # whole tiles when K allows (K = 5120: 256)
+        block_k //= 2
     block_r = max(1, TILE_WORDS // block_k)
     grid = (cdiv(R, block_r), max(cdiv(words, block_k), 1))
     with device_guard(xq):

@@ -30,5 +30,11 @@ def select_experts(router_logits: torch.Tensor, correction_bias: torch.Tensor | 
             topk_group if grouped else 1, float(routed_scaling_factor), TOP_K=top_k,
             BLOCK_G=next_pow2(groups), BLOCK_GL=next_pow2(group_len), BLOCK_K=next_pow2(top_k),
             SOFTMAX=scoring == "softmax", HAS_BIAS=correction_bias is not None, GROUPED=grouped,
-            RENORMALIZE=bool(renormalize), num_warps=4 if E <= 1024 else 8)
+            RENORMALIZE=bool(renormalize), num_warps=_warps(next_pow2(groups) * next_pow2(group_len)))
     return weights, ids
+
+
+def _warps(tile: int) -> int:
+    # the top-k loop is a chain of small reductions over the tile: one warp (shuffles only, no
+    # shared memory round trips) up to 256 experts, more only for wide routers
+    return max(1, min(8, tile // 256))

@@ -1,0 +1,227 @@
+"""w4a8::grouped_gemm: the Triton kernel against the fp64 reference of its own inputs.
+
+CPU (CI): opcheck of the op; the Triton kernel under TRITON_INTERPRET=1 on small shapes (this
+file re-runs itself in a child process with the variable set; the interpreter rounds fp32 -> bf16
+by truncation, hence its looser bound). GPU (`-m cuda`): R in {1, 511, 512, 513, 8191, 8192},
+E in {1, 7, 60, 160}, N and K not multiples of the tiles, group sizes 32/64/128, empty experts,
+both scale modes, every tile of the table, GLM-4.6 shapes, garbage offsets, CUDA-graph capture.
+Outputs are poisoned (NaN) before each run, so an unwritten element fails.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from inductor_w4a8 import formats, ops, reference
+from inductor_w4a8.checks import value_checks
+from inductor_w4a8.testing import opcheck, random_expert_offsets, rel_error
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+FP8 = formats.FP8_DTYPE
+TOL_GPU = 3e-3
+TOL_INTERP = 6e-3   # interpreter: fp32 -> bf16 by truncation (about 2x the RNE error)
+
+
+def make_case(R, E, N, K, G, *, empty=0, mode="fp8", device="cpu", positive=False, gen=None):
+    w = (torch.randn(E, N, K, generator=gen) * 0.05).to(torch.bfloat16)
+    packed, scale = formats.quantize_w4(w, G)
+    signed = formats.uint4b8_to_signed_int4(packed)
+    wg, _ = formats.encode_gemm_layout(signed)
+    a = torch.randn(R, K, generator=gen) * 3
+    if positive:
+        a = a.abs()
+    a = a.to(FP8)
+    a_scale = torch.rand(R, 1, generator=gen) * 0.01 + 0.001
+    off = random_expert_offsets(R, E, empty_experts=empty, generator=gen)
+    if mode == "fp8":
+        ws, chan = formats.convert_bf16_scales_to_fp8(scale)
+    else:
+        ws, chan = scale, None
+    args = [t.to(device) if t is not None else None for t in (a, a_scale, wg, ws, chan, off)]
+    return args + [G]
+
+
+def ref_of(args):
+    a, a_scale, wg, ws, chan, off, G = args
+    return reference.grouped_gemm(a, a_scale, formats.decode_gemm_layout(wg), ws, chan, off, G)
+
+
+def poisoned_out(args):
+    a, wg = args[0], args[2]
+    return torch.full((a.shape[0], wg.shape[1]), float("nan"), dtype=torch.bfloat16, device=a.device)
+
+
+# ------------------------------------------------------------------------------------------
+# CPU: the op (CPU kernel) through opcheck
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["fp8", "exact"])
+def test_opcheck_cpu(mode, seed):
+    args = make_case(37, 5, 24, 64, 32, empty=1, mode=mode)
+    opcheck(ops.grouped_gemm, tuple(args))
+
+
+# ------------------------------------------------------------------------------------------
+# CPU: the Triton kernel under the interpreter
+# ------------------------------------------------------------------------------------------
+if not INTERPRETED:
+    def test_under_triton_interpreter():
+        pytest.importorskip("triton")
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                               "-k", "interp"], env=env, capture_output=True, text=True, timeout=3000)
+        assert proc.returncode == 0, f"interpreted run failed:\n{proc.stdout[-20000:]}\n{proc.stderr[-5000:]}"
+        assert " passed" in proc.stdout, proc.stdout[-5000:]
+else:
+    from inductor_w4a8.launch.gemm_tiles import GEMM_TILES, GemmTile
+    from inductor_w4a8.launch.grouped_gemm import grouped_gemm as launch
+
+    INTERP_CASES = [  # R, E, N, K, G, empty, tile
+        (70, 7, 200, 96, 32, 2, GemmTile(16, 64, 4, 2, 1, 2)),       # odd K // G with 2 groups a step
+        (150, 3, 64, 256, 128, 0, GemmTile(128, 128, 8, 2, 1)),
+        (33, 1, 72, 128, 64, 0, GemmTile(32, 64, 4, 2, 1)),          # E = 1, N % 64 != 0
+        (5, 9, 130, 192, 64, 4, GemmTile(64, 64, 4, 2, 1, 2)),        # more experts than rows
+        (0, 4, 64, 128, 128, 0, None),                                # R = 0
+        (40, 6, 64, 128, 128, 6, None),                               # all experts empty but...
+    ]
+
+    @pytest.mark.parametrize("case", range(len(INTERP_CASES)))
+    @pytest.mark.parametrize("mode", ["fp8", "exact"])
+    def test_interp_kernel(case, mode, seed):
+        R, E, N, K, G, empty, tile = INTERP_CASES[case]
+        if empty >= E:   # random_expert_offsets keeps one expert; make all rows one expert's
+            empty = E - 1
+        args = make_case(R, E, N, K, G, empty=empty, mode=mode)
+        out = launch(*args, tile=tile, out=poisoned_out(args))
+        assert out.shape == (R, N) and out.dtype == torch.bfloat16
+        if R:
+            assert rel_error(out, ref_of(args)) <= TOL_INTERP
+
+    def test_interp_every_table_tile(seed):
+        args = make_case(45, 3, 64, 128, 64, mode="exact")
+        ref = ref_of(args)
+        for _, tile in GEMM_TILES:
+            out = launch(*args, tile=tile, out=poisoned_out(args))
+            assert rel_error(out, ref) <= TOL_INTERP, tile
+
+    def test_interp_garbage_offsets_memory_safe(seed):
+        """Offsets outside [0, R] and non-monotone: clamped and made monotone in the kernel."""
+        a, a_scale, wg, ws, chan, _, G = make_case(20, 4, 64, 128, 128, mode="exact")
+        off = torch.tensor([5, 100, -3, 12, 7])
+        out = launch(a, a_scale, wg, ws, chan, off, G, out=poisoned_out([a, a_scale, wg]))
+        # monotone clamped offsets [5, 20, 20, 20, 20]: rows 5..19 are expert 0's
+        ref = reference.grouped_gemm(a, a_scale, formats.decode_gemm_layout(wg), ws, chan,
+                                     torch.tensor([0, 20, 20, 20, 20]), G)
+        assert rel_error(out[5:], ref[5:]) <= TOL_INTERP
+
+
+# ------------------------------------------------------------------------------------------
+# GPU
+# ------------------------------------------------------------------------------------------
+GPU_R = [1, 511, 512, 513, 8191, 8192]
+GPU_E = [1, 7, 60, 160]
+GPU_NKG = [(200, 384, 128), (72, 352, 32), (136, 192, 64)]   # N, K not multiples of the tiles
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("R", GPU_R)
+@pytest.mark.parametrize("E", GPU_E)
+def test_cuda_vs_reference(R, E, seed):
+    N, K, G = GPU_NKG[(GPU_R.index(R) + GPU_E.index(E)) % len(GPU_NKG)]
+    gen = torch.Generator().manual_seed(seed)
+    for mode in ("fp8", "exact"):
+        args = make_case(R, E, N, K, G, empty=E // 3, mode=mode, device="cuda", gen=gen)
+        from inductor_w4a8.launch.grouped_gemm import grouped_gemm as launch
+        out = launch(*args, out=poisoned_out(args))
+        err = rel_error(out, ref_of(args))
+        assert err <= TOL_GPU, (mode, err)
+        with value_checks(True):
+            out2 = ops.grouped_gemm(*args)
+        assert torch.equal(out2, out)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("G", [32, 64, 128])
+def test_cuda_every_tile_and_group_size(G, seed):
+    from inductor_w4a8.launch.gemm_tiles import GEMM_TILES, GemmTile
+    from inductor_w4a8.launch.grouped_gemm import grouped_gemm as launch
+    args = make_case(777, 7, 264, 4 * G + G, G, empty=2, mode="fp8", device="cuda")
+    ref = ref_of(args)
+    tiles = [t for _, t in GEMM_TILES] + [GemmTile(16, 64, 4, 4, 3, 2), GemmTile(128, 64, 4, 3, 2, 2)]
+    for tile in tiles:
+        out = launch(*args, tile=tile, out=poisoned_out(args))
+        assert rel_error(out, ref) <= TOL_GPU, tile
+
+
+@pytest.mark.cuda
+def test_cuda_positive_activations(seed):
+    """All-positive activations (no cancellation help): the fp8 MMA accumulation stays in bound."""
+    args = make_case(4096, 16, 512, 1024, 128, mode="fp8", device="cuda", positive=True)
+    from inductor_w4a8.launch.grouped_gemm import grouped_gemm as launch
+    assert rel_error(launch(*args, out=poisoned_out(args)), ref_of(args)) <= TOL_GPU
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["fp8", "exact"])
+def test_cuda_opcheck(mode, seed):
+    args = make_case(129, 7, 64, 128, 64, empty=2, mode=mode, device="cuda")
+    opcheck(ops.grouped_gemm, tuple(args))
+
+
+@pytest.mark.cuda
+def test_cuda_garbage_offsets_memory_safe(seed):
+    a, a_scale, wg, ws, chan, _, G = make_case(300, 6, 64, 128, 128, mode="fp8", device="cuda")
+    from inductor_w4a8.launch.grouped_gemm import grouped_gemm as launch
+    for off in ([0, 10**12, -5, 300, 7, 2, 300], [-(10**12), 3, 3, 3, 3, 3, 10**12], [300] * 7):
+        launch(a, a_scale, wg, ws, chan, torch.tensor(off, device="cuda"), G)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture(seed):
+    """No host sync in the launcher: capture once, replay with new offsets / activations."""
+    args = make_case(1000, 60, 200, 384, 128, empty=10, mode="fp8", device="cuda")
+    a, a_scale, wg, ws, chan, off, G = args
+    static = [a.clone(), a_scale.clone(), off.clone()]
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s), value_checks(False):
+        ops.grouped_gemm(static[0], static[1], wg, ws, chan, static[2], G)   # warm / compile
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), value_checks(False):
+        out = ops.grouped_gemm(static[0], static[1], wg, ws, chan, static[2], G)
+    new = make_case(1000, 60, 200, 384, 128, empty=3, mode="fp8", device="cuda")
+    static[0].copy_(new[0])
+    static[1].copy_(new[1])
+    static[2].copy_(new[5])
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = reference.grouped_gemm(static[0], static[1], formats.decode_gemm_layout(wg), ws, chan,
+                                 static[2], G)
+    assert rel_error(out, ref) <= TOL_GPU
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("N,K", [(3072, 5120), (5120, 1536)])
+def test_cuda_glm46_8192_tokens(N, K, seed):
+    """GLM-4.6 GEMMs at 8192 tokens x top-8 (int64 addressing: R * N > 2^31 / 8): reference on a
+    subset of experts in fp32 (exact products, fp32 sums), every output element written."""
+    from inductor_w4a8 import bench
+    from inductor_w4a8.launch.grouped_gemm import grouped_gemm as launch
+    E, T = 160, 8192
+    wt = bench.random_weights(E, N, K, 128, "cuda")
+    off = bench.route(T, E, 8, "cuda")
+    a, a_scale = bench.random_activations(T * 8, K, "cuda")
+    out = launch(a, a_scale, wt.w, wt.s_fp8, wt.chan, off, 128,
+                 out=torch.full((T * 8, N), float("nan"), dtype=torch.bfloat16, device="cuda"))
+    assert bool(torch.isfinite(out).all())
+    seff = formats.effective_group_scales(wt.s_fp8, wt.chan)
+    offl = off.tolist()
+    for e in (0, 1, 80, 158, 159):
+        lo, hi = offl[e], offl[e + 1]
+        q = formats.decode_gemm_layout(wt.w[e:e + 1])[0].double()
+        wd = q * seff[e].double().repeat_interleave(128, dim=-1)
+        ref = (a[lo:hi].double() @ wd.T) * a_scale[lo:hi].double()
+        assert rel_error(out[lo:hi], ref) <= TOL_GPU, e
