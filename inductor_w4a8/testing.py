@@ -143,3 +143,15 @@ def assert_valid_routing(weights: torch.Tensor, ids: torch.Tensor, router_logits
         expect = expect / expect.sum(dim=-1, keepdim=True)
     expect = expect * routed_scaling_factor
     torch.testing.assert_close(weights.double().cpu(), expect, rtol=1e-5, atol=1e-6)
+
+
+def every_bf16_fp8_range_row() -> torch.Tensor:
+    """bf16 [1, ~35k]: 448 followed by every bf16 value in [-448, 448].
+
+    Quantized per row (scale exactly 1) or converted as scales (channel scale 1 before the x8
+    headroom), it sends every rounding case of bf16 -> e4m3 through the kernel under test: ties
+    between e4m3 neighbours, the subnormal range, both zeros.
+    """
+    every = torch.arange(0, 65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    in_range = every[torch.isfinite(every) & (every.float().abs() <= formats.FP8_MAX)]
+    return torch.cat([torch.tensor([formats.FP8_MAX], dtype=torch.bfloat16), in_range]).reshape(1, -1)

@@ -65,6 +65,14 @@ def autograd_cache_config():
     return cfg
 
 
+def cond_op():
+    """The cond higher-order op itself. `torch.cond` called outside Dynamo (as in a dispatch rule
+    that runs while AOTAutograd traces) compiles its branches with Dynamo first; the HOP traces
+    them with make_fx under the modes already active, which is what a rule needs."""
+    from torch._higher_order_ops.cond import cond_op as op
+    return op
+
+
 def wrap_triton():
     return torch.library.wrap_triton
 

@@ -12,15 +12,21 @@ would guard and recompile at every tile boundary. Instead the tile regimes (R ra
 tile each, found by evaluating `choose_tile` itself) become nested `torch.cond`s on R, which
 Inductor turns into host-side `if` on the size symbol in the wrapper: one compiled graph for
 every token count, the same tile as eager at every R, one kernel launch per GEMM.
+
+Under max-autotune each regime's kernel is a triton.autotune over num_warps / num_stages around
+the regime's tile, which Inductor benchmarks like any user-defined autotuned Triton kernel.
 """
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Callable
 
 import torch
 
 from . import _compat
+
+log = logging.getLogger(__name__)
 
 # Never more regimes than this (a non-monotone tile table would otherwise make many).
 MAX_REGIMES = 8
@@ -56,10 +62,47 @@ def tile_regimes(choose: Callable[[int], object], r_limit: int = R_LIMIT) -> lis
     return regimes
 
 
+def autotune_configs(tile) -> list[tuple[int, int]]:
+    """(num_warps, num_stages) candidates around a regime's tile, for max-autotune."""
+    w, s = tile.num_warps, tile.num_stages
+    candidates = [(w, s), (w, s - 1), (w, s + 1), (2 * w, s)]
+    return [c for i, c in enumerate(candidates) if c[1] >= 2 and c[0] <= 8 and c not in candidates[:i]]
+
+
+class _Autotuned:
+    """`wrap` for the launcher under max-autotune: the kernel becomes a triton.autotune over
+    num_warps / num_stages (the tile's block sizes and grid stay the regime's), which Inductor
+    benchmarks on the first run of each regime (the CUDA-graph runner's warm-up, never inside a
+    capture). The launcher's own num_warps / num_stages are dropped: the configs carry them."""
+
+    def __init__(self, tile):
+        self.tile = tile
+
+    def __call__(self, kernel):
+        import triton
+        configs = [triton.Config({}, num_warps=nw, num_stages=ns) for nw, ns in autotune_configs(self.tile)]
+        wrapped = _compat.wrap_triton()(triton.autotune(configs=configs, key=[])(kernel))
+        return _DropLaunchKnobs(wrapped)
+
+
+class _DropLaunchKnobs:
+    def __init__(self, wrapped):
+        self.wrapped = wrapped
+
+    def __getitem__(self, grid):
+        launch = self.wrapped[grid]
+
+        def call(*args, num_warps=None, num_stages=None, **kwargs):
+            return launch(*args, **kwargs)
+        return call
+
+
 def _default_launch(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_size, tile):
     from inductor_w4a8.launch import grouped_gemm as launcher
+    config = _compat.inductor_config()
+    wrap = _Autotuned(tile) if (config.max_autotune or config.max_autotune_gemm) else _compat.wrap_triton()
     return launcher.grouped_gemm(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_size,
-                                 tile=tile, wrap=_compat.wrap_triton())
+                                 tile=tile, wrap=wrap)
 
 
 def _default_choose(a, w, group_size) -> Callable[[int], object]:
@@ -80,9 +123,11 @@ def traced_grouped_gemm(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, gr
     choose = choose or _default_choose(a, w, group_size)
     has_chan = w_chan_scale is not None
 
+    # Branches return 1-tuples: the cond op's outputs are a sequence (Inductor's lowering of
+    # it pairs outputs with the node's fake values one by one).
     def branch(tile):
         def run(a, a_scale, w, w_scale, offsets, *chan):
-            return launch(a, a_scale, w, w_scale, chan[0] if chan else None, offsets, group_size, tile)
+            return (launch(a, a_scale, w, w_scale, chan[0] if chan else None, offsets, group_size, tile),)
         return run
 
     regimes = tile_regimes(choose)
@@ -98,10 +143,10 @@ def traced_grouped_gemm(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, gr
             pred = ops[0].shape[0] <= last
             if isinstance(pred, bool):  # static R: pick the branch now
                 return (branch(tile) if pred else rest)(*ops)
-            return torch.cond(pred, branch(tile), rest, ops)
+            return tuple(_compat.cond_op()(pred, branch(tile), rest, ops))
         return run
 
-    return dispatch(0)(*operands)
+    return dispatch(0)(*operands)[0]
 
 
 def functional_rule(settings_fn):
@@ -118,7 +163,15 @@ def functional_rule(settings_fn):
             inline = a.device.type in settings.inline_devices
         if not inline:
             return mode.__torch_dispatch__(op, types, args, kwargs)
-        with mode:
-            return traced_grouped_gemm(*args, **kwargs, launch=settings.gemm_launch,
-                                       choose=settings.gemm_choose)
+        try:
+            with mode:
+                return traced_grouped_gemm(*args, **kwargs, launch=settings.gemm_launch,
+                                           choose=settings.gemm_choose)
+        except Exception as exc:  # noqa: BLE001  (a tracing failure must not fail the compile)
+            if settings.gemm_launch is not None:
+                raise
+            log.warning("w4a8: tracing the grouped GEMM's Triton kernel into Inductor's code failed "
+                        "(%s: %s); this compile calls the w4a8::grouped_gemm op instead "
+                        "(w4a8.grouped_gemm='extern')", type(exc).__name__, exc)
+            return mode.__torch_dispatch__(op, types, args, kwargs)
     return rule

@@ -243,16 +243,15 @@ def test_tile_regimes_match_choose_tile(shape):
 
 
 def _marker_launch(a, a_scale, w, w_scale, w_chan_scale, offsets, group_size, tile):
-    """Stand-in for the Triton launch: the reference GEMM of each row plus the tile's block_m
-    in column 0 (so the test sees which regime ran); pure torch, traceable on CPU."""
+    """Stand-in for the Triton launch: the reference GEMM of each row, with column 0 replaced by
+    the tile's block_m (so the test sees which regime ran); pure torch, traceable on CPU."""
     q = formats.decode_gemm_layout(w).float()
     s = formats.expand_group_scales(formats.effective_group_scales(w_scale, w_chan_scale), group_size)
     rows = torch.arange(a.shape[0], device=a.device)
     e = (torch.searchsorted(offsets, rows, right=True) - 1).clamp(0, w.shape[0] - 1)
     out = torch.einsum("rk,rnk->rn", a.float() * a_scale, (q * s)[e])
-    marker = torch.zeros_like(out)
-    marker[:, 0] = float(tile.block_m)
-    return (out + marker).to(torch.bfloat16)
+    out[:, 0] = float(tile.block_m)
+    return out.to(torch.bfloat16)
 
 
 def test_traced_gemm_dispatches_tile_regimes_without_recompiles():
@@ -280,9 +279,9 @@ def test_traced_gemm_dispatches_tile_regimes_without_recompiles():
             out = compiled(a, a_scale, offsets)
         tile = gemm_tiles.choose_tile(R, moe.w13_weight.shape[1], K, E, 32)
         seen[R] = tile.block_m
-        assert torch.all(out[:, 0].float() != 0)
         ref = _marker_launch(a, a_scale, moe.w13_weight, moe.w13_group_scale, None, offsets, 32, tile)
-        assert torch.equal(out, ref), f"R={R}: wrong tile regime or wrong rows"
+        assert torch.all(out[:, 0] == tile.block_m), f"R={R}: ran {out[:, 0].unique()}, eager picks {tile}"
+        assert rel_error(out[:, 1:], ref[:, 1:]) < 1e-2, f"R={R}: wrong rows"
     assert len(set(seen.values())) >= 3, seen  # several regimes were exercised
     assert unique_graphs() <= 2
     assert graph_breaks() == 0

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from inductor_w4a8 import formats
+from inductor_w4a8.testing import every_bf16_fp8_range_row
 
 
 # ------------------------------------------------------------------------------------------
@@ -267,9 +268,7 @@ def test_convert_bf16_scales_to_fp8_matches_numpy(shape, seed):
 def test_convert_bf16_scales_to_fp8_every_bf16_value():
     # a row holding 448 (so chan = 1 before the x8 headroom) and every bf16 value in [-448, 448]:
     # every rounding case of the two e4m3 conversions, ties and subnormals included
-    allv = torch.arange(0, 65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
-    fin = allv[torch.isfinite(allv) & (allv.float().abs() <= 448)]
-    row = torch.cat([torch.tensor([448.0], dtype=torch.bfloat16), fin]).reshape(1, -1)
+    row = every_bf16_fp8_range_row()
     fp8, chan = formats.convert_bf16_scales_to_fp8(row)
     np_fp8, np_chan = np_convert_scales(row.float().numpy())
     np.testing.assert_array_equal(u8(fp8), np_fp8)
@@ -288,6 +287,13 @@ def test_quantize_fp8_per_token_matches_numpy(T, K, seed):
                           np.float32(1 / (448 * 512)))
     np.testing.assert_array_equal(scale.numpy(), np_scale)
     np.testing.assert_array_equal(u8(q), np_e4m3_bits(np.clip(xf / np_scale, -448, 448)))
+
+
+def test_quantize_fp8_per_token_every_bf16_value():
+    x = every_bf16_fp8_range_row()
+    q, scale = formats.quantize_fp8_per_token(x)
+    assert float(scale) == 1.0
+    np.testing.assert_array_equal(u8(q), np_e4m3_bits(x.float().numpy()))
 
 
 def test_quantize_fp8_per_token_empty():

@@ -148,7 +148,8 @@ def test_cuda_every_tile_and_group_size(G, seed):
     from inductor_w4a8.launch.grouped_gemm import grouped_gemm as launch
     args = make_case(777, 7, 264, 4 * G + G, G, empty=2, mode="fp8", device="cuda")
     ref = ref_of(args)
-    tiles = [t for _, t in GEMM_TILES] + [GemmTile(16, 64, 4, 4, 3, 2), GemmTile(128, 64, 4, 3, 2, 2)]
+    tiles = [t for _, t in GEMM_TILES] + [GemmTile(16, 64, 4, 4, 3, 2), GemmTile(128, 64, 4, 3, 2, 2),
+                                          GemmTile(128, 128, 8, 3, 1), GemmTile(64, 128, 8, 3, 1, 2)]
     for tile in tiles:
         out = launch(*args, tile=tile, out=poisoned_out(args))
         assert rel_error(out, ref) <= TOL_GPU, tile

@@ -32,18 +32,13 @@ else:
     from inductor_w4a8 import formats
     from inductor_w4a8.kernels.fp8 import e4m3_bits_to_fp32, fp32_to_e4m3_bits
     from inductor_w4a8.launch import fp8_quant, int4_convert, scale_convert
+    from inductor_w4a8.testing import every_bf16_fp8_range_row
     from inductor_w4a8.testing import poisoned_empty  # unwritten outputs show as NaN / 0x7F
 
     FP8 = torch.float8_e4m3fn
 
     def u8(t):
         return t.view(torch.uint8)
-
-    def every_bf16_row():
-        """448 followed by every bf16 value in [-448, 448] (one row, ~35k values)."""
-        allv = torch.arange(0, 65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
-        fin = allv[torch.isfinite(allv) & (allv.float().abs() <= 448)]
-        return torch.cat([torch.tensor([448.0], dtype=torch.bfloat16), fin]).reshape(1, -1)
 
     # --- int4 convert --------------------------------------------------------------------
     @pytest.mark.parametrize("shape", [(2, 3), (3, 5, 7), (2, 3, 4, 5), (3, 4097)])
@@ -120,7 +115,7 @@ else:
         assert torch.equal(chan, ref_chan)
 
     def test_scale_convert_every_bf16_value():
-        row = every_bf16_row()
+        row = every_bf16_fp8_range_row()
         fp8, chan = scale_convert.convert_bf16_scales_to_fp8(row)
         ref_fp8, ref_chan = formats.convert_bf16_scales_to_fp8(row)
         assert torch.equal(u8(fp8), u8(ref_fp8)) and torch.equal(chan, ref_chan)
@@ -152,7 +147,7 @@ else:
         assert torch.equal(u8(q), u8(rq)) and torch.equal(s, rs)
 
     def test_quantize_every_bf16_value():
-        x = every_bf16_row()
+        x = every_bf16_fp8_range_row()
         q, s = fp8_quant.quantize_fp8_per_token(x)
         rq, rs = formats.quantize_fp8_per_token(x)
         assert float(s) == 1.0 and torch.equal(u8(q), u8(rq))

@@ -21,7 +21,6 @@ from inductor_w4a8.testing import assert_valid_routing, opcheck, poisoned_empty
 ops = torch.ops.w4a8
 FP8 = formats.FP8_DTYPE
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-interp = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 child process")
 BOUNDARY_T = (1, 511, 512, 513, 8191, 8192)
 
 # (E, top_k, scoring, renormalize, n_group, topk_group, routed_scaling_factor, with_bias)
@@ -271,6 +270,16 @@ def test_bad_inputs_refused_on_meta_too():
                     torch.empty(4, 2, dtype=torch.int32, device="meta"), torch.empty(4, 2, device="meta"))
 
 
+def assert_fp8_close(q, s, ref_q, ref_s, *, max_flip_fraction=1e-3):
+    """Scales equal to an ulp and fp8 codes equal but for rare 1-code flips (exp rounding)."""
+    assert q.dtype == FP8 and s.dtype == torch.float32 and q.shape == ref_q.shape
+    torch.testing.assert_close(s, ref_s, rtol=5e-7, atol=0)  # amax through exp: a few ulps
+    diff = (u8(q).int() - u8(ref_q).int()).abs()
+    if diff.numel():
+        assert int(diff.max()) <= 1
+        assert float((diff != 0).float().mean()) <= max_flip_fraction
+
+
 # ==========================================================================================
 # Triton launchers under TRITON_INTERPRET=1 (CPU tensors)
 # ==========================================================================================
@@ -284,128 +293,166 @@ if not INTERPRETED:
         assert proc.returncode == 0, f"interpreted run failed:\n{proc.stdout[-20000:]}\n{proc.stderr[-5000:]}"
         assert " passed" in proc.stdout and " skipped" not in proc.stdout, proc.stdout[-5000:]
 
+else:  # TRITON_INTERPRET=1: the launchers on CPU tensors
+    def _launch(name):
+        import importlib
+        return importlib.import_module(f"inductor_w4a8.launch.{name}")
 
-def _launch(name):
-    import importlib
-    return importlib.import_module(f"inductor_w4a8.launch.{name}")
+    @pytest.mark.parametrize("routing", ROUTINGS, ids=ROUTING_IDS)
+    @pytest.mark.parametrize("T", [0, 1, 19])
+    def test_interp_select_experts(routing, T, seed):
+        args = routing_args(T, routing)
+        with poisoned_empty():
+            w, ids = _launch("routing").select_experts(*args)
+        assert_valid_routing(w, ids, *args)
+        ref_w, ref_ids = reference.select_experts(*args)
+        assert torch.equal(ids, ref_ids)
+        torch.testing.assert_close(w, ref_w, rtol=1e-6, atol=1e-7)
 
+    def test_interp_select_experts_bf16_strided_logits(seed):
+        routing = ROUTINGS[2]
+        logits, *rest = routing_args(9, routing, dtype=torch.bfloat16)
+        wide = torch.randn(9, 2 * logits.shape[1]).to(torch.bfloat16)
+        wide[:, ::2] = logits
+        w, ids = _launch("routing").select_experts(wide[:, ::2], *rest)
+        assert_valid_routing(w, ids, logits, *rest)
 
-@interp
-@pytest.mark.parametrize("routing", ROUTINGS, ids=ROUTING_IDS)
-@pytest.mark.parametrize("T", [0, 1, 19])
-def test_interp_select_experts(routing, T, seed):
-    args = routing_args(T, routing)
-    with poisoned_empty():
-        w, ids = _launch("routing").select_experts(*args)
-    assert_valid_routing(w, ids, *args)
-    ref_w, ref_ids = reference.select_experts(*args)
-    assert torch.equal(ids, ref_ids)
-    torch.testing.assert_close(w, ref_w, rtol=1e-6, atol=1e-7)
+    def test_interp_select_experts_nan_logits_stay_in_range():
+        logits = torch.full((3, 7), float("nan"))
+        _, ids = _launch("routing").select_experts(logits, None, 3, "softmax", True, 0, 0, 1.0)
+        assert bool(((ids >= 0) & (ids < 7)).all())
 
+    @pytest.mark.parametrize("T,k,E,chunk", [(0, 8, 7, None), (1, 8, 160, None), (5, 3, 7, None),
+                                             (100, 8, 60, None), (100, 8, 60, 16), (37, 4, 7, 16),
+                                             (300, 6, 5, 32), (64, 2, 1, 16)])
+    def test_interp_sort_by_expert(T, k, E, chunk, seed):
+        ids = sort_inputs(T, k, E)
+        with poisoned_empty():
+            got = _launch("moe_sort").sort_by_expert(ids, E, chunk=chunk)
+        for g, r in zip(got, reference.sort_by_expert(ids, E)):
+            assert g.dtype == r.dtype and torch.equal(g, r)
 
-@interp
-def test_interp_select_experts_bf16_strided_logits(seed):
-    routing = ROUTINGS[2]
-    logits, *rest = routing_args(9, routing, dtype=torch.bfloat16)
-    wide = torch.randn(9, 2 * logits.shape[1]).to(torch.bfloat16)
-    wide[:, ::2] = logits
-    w, ids = _launch("routing").select_experts(wide[:, ::2], *rest)
-    assert_valid_routing(w, ids, logits, *rest)
-
-
-@interp
-def test_interp_select_experts_nan_logits_stay_in_range():
-    logits = torch.full((3, 7), float("nan"))
-    _, ids = _launch("routing").select_experts(logits, None, 3, "softmax", True, 0, 0, 1.0)
-    assert bool(((ids >= 0) & (ids < 7)).all())
-
-
-@interp
-@pytest.mark.parametrize("T,k,E,chunk", [(0, 8, 7, None), (1, 8, 160, None), (5, 3, 7, None),
-                                         (100, 8, 60, None), (100, 8, 60, 16), (37, 4, 7, 16),
-                                         (300, 6, 5, 32), (64, 2, 1, 16)])
-def test_interp_sort_by_expert(T, k, E, chunk, seed):
-    ids = sort_inputs(T, k, E)
-    with poisoned_empty():
-        got = _launch("moe_sort").sort_by_expert(ids, E, chunk=chunk)
-    for g, r in zip(got, reference.sort_by_expert(ids, E)):
-        assert g.dtype == r.dtype and torch.equal(g, r)
-
-
-@interp
-def test_interp_sort_by_expert_many_chunk_tiles(monkeypatch, seed):
-    mod = _launch("moe_sort")
-    monkeypatch.setattr(mod, "SCAN_CHUNKS", 2)  # the scan loops over several chunk tiles
-    ids = sort_inputs(90, 2, 7)
-    got = mod.sort_by_expert(ids, 7, chunk=16)
-    for g, r in zip(got, reference.sort_by_expert(ids, 7)):
-        assert torch.equal(g, r)
-
-
-@interp
-def test_interp_sort_by_expert_clamps_bad_ids():
-    ids = torch.tensor([[3, -5], [100, 0], [2**31 - 1, -2**31]], dtype=torch.int32)
-    for chunk in (None, 16):
-        got = _launch("moe_sort").sort_by_expert(ids, 4, chunk=chunk)
-        for g, r in zip(got, reference.sort_by_expert(ids, 4)):
+    def test_interp_sort_by_expert_many_chunk_tiles(monkeypatch, seed):
+        mod = _launch("moe_sort")
+        monkeypatch.setattr(mod, "SCAN_CHUNKS", 2)  # the scan loops over several chunk tiles
+        ids = sort_inputs(90, 2, 7)
+        got = mod.sort_by_expert(ids, 7, chunk=16)
+        for g, r in zip(got, reference.sort_by_expert(ids, 7)):
             assert torch.equal(g, r)
 
+    def test_interp_sort_by_expert_clamps_bad_ids():
+        ids = torch.tensor([[3, -5], [100, 0], [2**31 - 1, -2**31]], dtype=torch.int32)
+        for chunk in (None, 16):
+            got = _launch("moe_sort").sort_by_expert(ids, 4, chunk=chunk)
+            for g, r in zip(got, reference.sort_by_expert(ids, 4)):
+                assert torch.equal(g, r)
 
-@interp
-@pytest.mark.parametrize("T,K,k", [(0, 64, 2), (1, 64, 8), (13, 36, 3), (7, 10, 2), (5, 0, 2),
-                                   (40, 1032, 4)])
-def test_interp_gather_rows_fp8(T, K, k, seed):
-    xq, xs = quantized_tokens(T, K)
-    rows = torch.randperm(T * k).to(torch.int32)
-    if T:
-        rows[0], rows[-1] = -5, 10**6  # out of range: clamped, never out of bounds
-    with poisoned_empty():
-        a, a_scale = _launch("moe_gather").gather_rows_fp8(xq, xs, rows, k)
-    ref_a, ref_s = reference.gather_rows_fp8(xq, xs, rows, k)
-    assert torch.equal(u8(a), u8(ref_a)) and torch.equal(a_scale, ref_s)
+    @pytest.mark.parametrize("T,K,k", [(0, 64, 2), (1, 64, 8), (13, 36, 3), (7, 10, 2), (5, 0, 2),
+                                       (40, 1032, 4)])
+    def test_interp_gather_rows_fp8(T, K, k, seed):
+        xq, xs = quantized_tokens(T, K)
+        rows = torch.randperm(T * k).to(torch.int32)
+        if T:
+            rows[0], rows[-1] = -5, 10**6  # out of range: clamped, never out of bounds
+        with poisoned_empty():
+            a, a_scale = _launch("moe_gather").gather_rows_fp8(xq, xs, rows, k)
+        ref_a, ref_s = reference.gather_rows_fp8(xq, xs, rows, k)
+        assert torch.equal(u8(a), u8(ref_a)) and torch.equal(a_scale, ref_s)
 
+    @pytest.mark.parametrize("R,I,block_i", [(0, 64, None), (1, 64, None), (13, 36, None), (7, 100, 32),
+                                             (5, 0, None), (6, 1536, None), (3, 3000, 1024)])
+    def test_interp_silu_mul_quantize_fp8(R, I, block_i, seed):
+        x = (torch.randn(R, 2 * I) * 3).to(torch.bfloat16)
+        if R:
+            x[0] = 0
+        with poisoned_empty():
+            q, s = _launch("silu_mul_quant").silu_mul_quantize_fp8(x, block_i=block_i)
+        ref_q, ref_s = reference.silu_mul_quantize_fp8(x)
+        assert_fp8_close(q, s, ref_q, ref_s)
 
-@interp
-@pytest.mark.parametrize("R,I,block_i", [(0, 64, None), (1, 64, None), (13, 36, None), (7, 100, 32),
-                                         (5, 0, None), (6, 1536, None), (3, 3000, 1024)])
-def test_interp_silu_mul_quantize_fp8(R, I, block_i, seed):
-    x = (torch.randn(R, 2 * I) * 3).to(torch.bfloat16)
-    if R:
-        x[0] = 0
-    with poisoned_empty():
-        q, s = _launch("silu_mul_quant").silu_mul_quantize_fp8(x, block_i=block_i)
-    ref_q, ref_s = reference.silu_mul_quantize_fp8(x)
-    assert_fp8_close(q, s, ref_q, ref_s)
+    @pytest.mark.parametrize("T,k,H", [(0, 2, 5), (1, 8, 64), (13, 3, 36), (7, 1, 100), (5, 2, 0),
+                                       (40, 8, 1030)])
+    def test_interp_combine(T, k, H, seed):
+        y = torch.randn(T * k, H).to(torch.bfloat16)
+        f2s = torch.randperm(T * k).to(torch.int32).view(T, k)
+        w = torch.rand(T, k)
+        with poisoned_empty():
+            out = _launch("moe_combine").combine(y, f2s, w)
+        assert torch.equal(out, reference.combine(y, f2s, w).to(torch.bfloat16))
 
-
-def assert_fp8_close(q, s, ref_q, ref_s, *, max_flip_fraction=1e-3):
-    """Scales equal to an ulp and fp8 codes equal but for rare 1-code flips (exp rounding)."""
-    assert q.dtype == FP8 and s.dtype == torch.float32 and q.shape == ref_q.shape
-    torch.testing.assert_close(s, ref_s, rtol=5e-7, atol=0)  # amax through exp: a few ulps
-    diff = (u8(q).int() - u8(ref_q).int()).abs()
-    assert int(diff.max()) <= 1 if diff.numel() else True
-    assert float((diff != 0).float().mean()) <= max_flip_fraction if diff.numel() else True
-
-
-@interp
-@pytest.mark.parametrize("T,k,H", [(0, 2, 5), (1, 8, 64), (13, 3, 36), (7, 1, 100), (5, 2, 0),
-                                   (40, 8, 1030)])
-def test_interp_combine(T, k, H, seed):
-    y = torch.randn(T * k, H).to(torch.bfloat16)
-    f2s = torch.randperm(T * k).to(torch.int32).view(T, k)
-    w = torch.rand(T, k)
-    with poisoned_empty():
+    def test_interp_combine_clamps_bad_rows():
+        y = torch.randn(6, 8).to(torch.bfloat16)
+        f2s = torch.tensor([[-3, 1], [2, 99], [4, 5]], dtype=torch.int32)
+        w = torch.rand(3, 2)
         out = _launch("moe_combine").combine(y, f2s, w)
-    assert torch.equal(out, reference.combine(y, f2s, w).to(torch.bfloat16))
+        assert torch.equal(out, reference.combine(y, f2s, w).to(torch.bfloat16))
 
 
-@interp
-def test_interp_combine_clamps_bad_rows():
-    y = torch.randn(6, 8).to(torch.bfloat16)
-    f2s = torch.tensor([[-3, 1], [2, 99], [4, 5]], dtype=torch.int32)
-    w = torch.rand(3, 2)
-    out = _launch("moe_combine").combine(y, f2s, w)
-    assert torch.equal(out, reference.combine(y, f2s, w).to(torch.bfloat16))
+# ==========================================================================================
+# The compiled (GPU) code paths build for sm_90 without a GPU: Triton -> PTX -> cubin
+# ==========================================================================================
+def _sig(consts, **args):
+    return {**args, **{k: "constexpr" for k in consts}}, consts
+
+
+_ROUTING_ARGS = dict(logits_ptr="*fp32", bias_ptr="*fp32", weights_ptr="*fp32", ids_ptr="*i32",
+                     stride_t="i32", E="i32", n_group="i32", group_len="i32", topk_group="i32",
+                     scaling="fp32")
+_SORT_ARGS = dict(ids_ptr="*i32", prefix_ptr="*i32", totals_ptr="*i32", sorted_rows_ptr="*i32",
+                  flat_to_sorted_ptr="*i32", offsets_ptr="*i64", N="i32", E="i32", CHUNK="i32")
+SM90_BUILDS = {
+    "routing-grouped-sigmoid": ("routing", "routing_kernel", *_sig(
+        dict(TOP_K=8, BLOCK_G=8, BLOCK_GL=32, BLOCK_K=8, SOFTMAX=False, HAS_BIAS=True, GROUPED=True,
+             RENORMALIZE=True), **_ROUTING_ARGS)),
+    "routing-softmax-bf16": ("routing", "routing_kernel", *_sig(
+        dict(TOP_K=2, BLOCK_G=1, BLOCK_GL=8, BLOCK_K=2, SOFTMAX=True, HAS_BIAS=False, GROUPED=False,
+             RENORMALIZE=False), **{**_ROUTING_ARGS, "logits_ptr": "*bf16"})),
+    "sort-count": ("moe_sort", "count_kernel", *_sig(
+        dict(BLOCK_CHUNK=64, BLOCK_E=256), ids_ptr="*i32", counts_ptr="*i32", N="i32", E="i32",
+        CHUNK="i32")),
+    "sort-scan": ("moe_sort", "scan_kernel", *_sig(
+        dict(BLOCK_NC=256, BLOCK_EE=16), counts_ptr="*i32", prefix_ptr="*i32", totals_ptr="*i32",
+        num_chunks="i32", E="i32")),
+    "sort-place-fused": ("moe_sort", "place_kernel", *_sig(
+        dict(BLOCK_CHUNK=64, BLOCK_E=256, FUSED=True), **_SORT_ARGS)),
+    "sort-place": ("moe_sort", "place_kernel", *_sig(
+        dict(BLOCK_CHUNK=64, BLOCK_E=256, FUSED=False), **_SORT_ARGS)),
+    "gather-words": ("moe_gather", "gather_rows_kernel", *_sig(
+        dict(BLOCK_R=16, BLOCK_K=256), xq_ptr="*i32", xs_ptr="*fp32", rows_ptr="*i32", a_ptr="*i32",
+        as_ptr="*fp32", R="i32", T="i32", K="i32", top_k="i32")),
+    "silu-one-tile": ("silu_mul_quant", "silu_mul_quant_kernel", *_sig(
+        dict(MIN_SCALE=formats.FP8_MIN_SCALE, BLOCK_I=2048, ONE_TILE=True, HW=True),
+        x_ptr="*bf16", q_ptr="*u8", scale_ptr="*fp32", I="i32")),
+    "silu-loop": ("silu_mul_quant", "silu_mul_quant_kernel", *_sig(
+        dict(MIN_SCALE=formats.FP8_MIN_SCALE, BLOCK_I=1024, ONE_TILE=False, HW=True),
+        x_ptr="*bf16", q_ptr="*u8", scale_ptr="*fp32", I="i32")),
+    "combine": ("moe_combine", "combine_kernel", *_sig(
+        dict(TOP_K=8, BLOCK_T=2, BLOCK_H=1024, HW=True), y_ptr="*bf16", f2s_ptr="*i32", w_ptr="*fp32",
+        out_ptr="*bf16", T="i32", H="i32", R="i32")),
+}
+
+
+@pytest.mark.parametrize("build", list(SM90_BUILDS))
+def test_kernels_compile_for_sm90(build):
+    """The HW=True paths (hardware fp8 / bf16 converts, compiled reductions and scans) cannot run
+    on CPU CI, but they must at least build: compile each kernel for sm_90 down to a cubin."""
+    triton = pytest.importorskip("triton")
+    if INTERPRETED:
+        pytest.skip("the interpreter does not compile")
+    import importlib
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    module, name, signature, constexprs = SM90_BUILDS[build]
+    fn = getattr(importlib.import_module(f"inductor_w4a8.kernels.{module}"), name)
+    try:
+        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                  target=GPUTarget("cuda", 90, 32))
+    except RuntimeError as e:  # no ptxas in this triton install: nothing to check here
+        if "ptxas" in str(e).lower():
+            pytest.skip(f"triton cannot assemble for sm_90 here: {e}")
+        raise
+    assert compiled.asm.get("cubin")
 
 
 # ==========================================================================================
@@ -416,10 +463,11 @@ def _cpu(t):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16 logits tie often
 @pytest.mark.parametrize("T", BOUNDARY_T)
 @pytest.mark.parametrize("routing", ROUTINGS, ids=ROUTING_IDS)
-def test_cuda_select_experts(T, routing, seed):
-    args = routing_args(T, routing, device="cuda")
+def test_cuda_select_experts(T, routing, dtype, seed):
+    args = routing_args(T, routing, device="cuda", dtype=dtype)
     with poisoned_empty():
         w, ids = ops.select_experts(*args)
     assert_valid_routing(w, ids, *[_cpu(a) for a in args])

@@ -21,7 +21,7 @@ from torch import nn
 import inductor_w4a8  # noqa: F401  (registers the ops)
 from inductor_w4a8 import formats
 from inductor_w4a8.postprocess import CHECKPOINT_NAMES, process_weights_after_loading
-from inductor_w4a8.testing import opcheck, poisoned_empty
+from inductor_w4a8.testing import every_bf16_fp8_range_row, opcheck, poisoned_empty
 
 pytestmark = pytest.mark.cuda
 
@@ -132,16 +132,10 @@ def test_quantize_empty_cuda():
     assert q.shape == (0, 5120) and s.shape == (0, 1)
 
 
-def _every_bf16_row():
-    allv = torch.arange(0, 65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
-    fin = allv[torch.isfinite(allv) & (allv.float().abs() <= 448)]
-    return torch.cat([torch.tensor([448.0], dtype=torch.bfloat16), fin]).reshape(1, -1)
-
-
 def test_hardware_fp8_converts_on_every_bf16_value():
     # scale 1 exactly (the row holds 448): every bf16 value in range meets the hardware convert,
     # ties between e4m3 neighbours and the subnormal range included
-    row = _every_bf16_row()
+    row = every_bf16_fp8_range_row()
     q, s = ops.quantize_fp8_per_token(row.cuda())
     rq, rs = ops.quantize_fp8_per_token(row)
     assert float(s) == 1.0 and equal(q.cpu(), rq)

@@ -31,10 +31,13 @@ class GemmTile:
 
 
 # (upper bound of the expected rows per active expert, tile), first match wins.
-# Small row counts are weight-bandwidth bound: narrow token tiles, many programs per SM, deep
-# pipelines to keep enough weight bytes in flight. Large row counts are MMA bound: 128 x 128.
+# Small row counts are weight-bandwidth bound: narrow token tiles, several programs per SM and
+# two groups per K step to keep enough weight bytes and wgmma chains in flight. Large row
+# counts: 128 tokens x 64 weight rows, 2 programs per SM so one converts while the other's
+# wgmma runs. Measured on the H100 (docs/perf.md); programs_per_sm must not exceed the
+# occupancy the kernel's registers allow, or persistent programs queue behind each other.
 GEMM_TILES: tuple[tuple[float, GemmTile], ...] = (
-    (16, GemmTile(block_m=16, block_n=64, num_warps=4, num_stages=4, programs_per_sm=4)),
+    (16, GemmTile(block_m=16, block_n=64, num_warps=4, num_stages=3, programs_per_sm=4, groups_per_step=2)),
     (32, GemmTile(block_m=32, block_n=64, num_warps=4, num_stages=4, programs_per_sm=3)),
     (64, GemmTile(block_m=64, block_n=64, num_warps=4, num_stages=4, programs_per_sm=2)),
     (float("inf"), GemmTile(block_m=128, block_n=64, num_warps=4, num_stages=4, programs_per_sm=2)),

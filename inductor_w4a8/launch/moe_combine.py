@@ -23,5 +23,5 @@ def combine(y: torch.Tensor, flat_to_sorted: torch.Tensor, topk_weights: torch.T
     with device_guard(y):
         combine_kernel[(cdiv(T, block_t), cdiv(H, block_h))](
             y, flat_to_sorted, topk_weights, out, T, H, R, TOP_K=k, BLOCK_T=block_t,
-            BLOCK_H=block_h, HW=use_hw_fp8(y), num_warps=4)
+            BLOCK_H=block_h, HW=use_hw_fp8(y), num_warps=8)
     return out

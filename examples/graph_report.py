@@ -1,0 +1,192 @@
+"""CUDA-graph and torch.compile report for the GLM-4.6 MoE layer (E=160, H=5120, I=1536, top-8).
+
+    python examples/graph_report.py [--max-tokens 8192] [--gemm triton|extern] [--fuse default|none|all]
+    compute-sanitizer --tool memcheck python examples/graph_report.py --memcheck [--full]
+
+Prints:
+  * capture of every size up to --max-tokens: graph count, capture time, warm-up/compile time,
+    memory (caching-allocator pool and device memory lost);
+  * decode-step time at M = 1 and 64 and the 8192-token prefill time for eager, compiled
+    ("w4a8" backend) and compiled + CUDA-graph replay (through CUDAGraphRunner, input copies
+    included, and the bare replay), each beside the sum of its kernels' times (torch.profiler);
+  * with --memcheck: one replay at 8192 and 8191 tokens of a captured compiled layer, to run
+    under compute-sanitizer (a reduced hidden size unless --full).
+Times are medians over repeated runs with the L2 flushed before each (as docs/perf.md).
+Writes graph_report.json to $OUT (or .).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+import inductor_w4a8 as w4a8
+from inductor_w4a8 import value_checks
+from inductor_w4a8.cudagraph import CUDAGraphRunner, capture_sizes
+
+GLM = dict(num_experts=160, top_k=8, hidden_size=5120, intermediate_size=1536, group_size=128,
+           scoring="sigmoid", n_group=1, topk_group=1, routed_scaling_factor=2.5)
+
+
+def build_layer(config: dict, device="cuda", seed=0) -> w4a8.W4A8MoE:
+    """GLM-shaped layer with random int4 words and scales (no bf16 weights materialized)."""
+    moe = w4a8.W4A8MoE(**config, device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in moe.named_parameters():
+            if p.dtype == torch.int32:
+                p.copy_(torch.randint(-2**31, 2**31 - 1, p.shape, dtype=torch.int64, device=device,
+                                      generator=g).to(torch.int32))
+            elif name.endswith("weight_scale"):
+                p.copy_((torch.rand(p.shape, device=device, generator=g) * 0.01 + 0.015).to(p.dtype))
+            else:
+                p.copy_(torch.randn(p.shape, device=device, generator=g) * 0.1)
+    moe.process_weights_after_loading()
+    return moe
+
+
+def inputs(T: int, moe, device="cuda", seed=1):
+    g = torch.Generator(device=device).manual_seed(seed + T)
+    x = torch.randn(T, moe.hidden_size, device=device, generator=g).to(torch.bfloat16)
+    logits = torch.randn(T, moe.num_experts, device=device, generator=g)
+    return x, logits
+
+
+_FLUSH: dict = {}
+
+
+def median_us(fn, reps=50, warmup=5) -> float:
+    flush = _FLUSH.setdefault("buf", torch.empty(256 << 20, dtype=torch.int8, device="cuda"))
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def kernel_sum_us(fn) -> tuple[float, int]:
+    """Sum of the GPU kernel times of one call of fn (torch.profiler), and the kernel count."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    total, count = 0.0, 0
+    for ev in prof.events():
+        if getattr(ev, "device_type", None) == torch.autograd.DeviceType.CUDA and \
+                not ev.name.startswith(("Memcpy", "Memset", "cudaGraph")):
+            total += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+            count += 1
+    return total, count
+
+
+def fmt(us: float) -> str:
+    return f"{us:9.1f} us"
+
+
+def report(args) -> dict:
+    device = torch.device("cuda")
+    result: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                    "gemm": args.gemm, "fuse": args.fuse, "max_tokens": args.max_tokens}
+    print(f"device: {result['device']}, torch {torch.__version__}, layer GLM-4.6 "
+          f"(E=160, H=5120, I=1536, top-8), w4a8.grouped_gemm={args.gemm}, w4a8.fuse={args.fuse}")
+    moe = build_layer(GLM, device)
+    options = {"w4a8.grouped_gemm": args.gemm, "w4a8.fuse": args.fuse}
+    compiled = torch.compile(moe, backend="w4a8", fullgraph=True, options=options)
+
+    with value_checks(False):  # eager value checks synchronize; a serving loop turns them off
+        t0 = time.perf_counter()
+        runner = CUDAGraphRunner(compiled, max_num_batched_tokens=args.max_tokens, progress=True)
+        cap = runner.capture(*inputs(1, moe))
+        result["capture"] = {**cap, "sizes": len(cap["sizes"]), "total_s": time.perf_counter() - t0}
+        print(f"\ncapture 1..{args.max_tokens}: {cap['num_graphs']} graphs, capture {cap['capture_s']:.1f} s, "
+              f"warm-up (compile, autotune) {cap['warmup_s']:.1f} s, pool {cap['pool_bytes'] / 2**20:.0f} MiB, "
+              f"device {cap['device_bytes'] / 2**20:.0f} MiB")
+        from torch._dynamo.utils import counters
+        result["dynamo_graphs"] = counters["stats"]["unique_graphs"]
+        result["graph_breaks"] = sum(counters["graph_break"].values())
+        print(f"dynamo: {result['dynamo_graphs']} compiled graphs, {result['graph_breaks']} graph breaks")
+
+        rows = []
+        print(f"\n{'tokens':>6} {'path':<22} {'time':>12} {'sum of kernels':>16} {'kernels':>8}")
+        for T in args.tokens:
+            x, logits = inputs(T, moe)
+            torch._dynamo.mark_dynamic(x, 0) if T >= 2 else None
+            size = runner.padded_size(min(T, args.max_tokens))
+            graph = runner.graphs.get(size)
+            paths = {
+                "eager": lambda: moe(x, logits),
+                "compiled": lambda: compiled(x, logits),
+                "compiled+graph (runner)": lambda: runner(x, logits),
+            }
+            if graph is not None and T <= args.max_tokens:
+                paths["compiled+graph (replay)"] = graph.replay
+            for name, fn in paths.items():
+                us = median_us(fn, reps=args.reps)
+                ksum, kcount = kernel_sum_us(fn)
+                rows.append({"tokens": T, "path": name, "us": us, "kernel_sum_us": ksum, "kernels": kcount})
+                print(f"{T:>6} {name:<22} {fmt(us)} {fmt(ksum):>16} {kcount:>8}")
+            out, ref = runner(x, logits), moe(x, logits)
+            err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+            rows.append({"tokens": T, "path": "check", "rel_error_vs_eager": err})
+            print(f"{T:>6} {'graph vs eager':<22} rel. error {err:.2e}")
+        result["rows"] = rows
+    return result
+
+
+def memcheck(args) -> None:
+    """One capture at 8192 of the compiled layer and replays at 8192 / 8191 (for memcheck)."""
+    config = dict(GLM) if args.full else {**GLM, "hidden_size": 1024, "intermediate_size": 512}
+    moe = build_layer(config)
+    compiled = torch.compile(moe, backend="w4a8", fullgraph=True,
+                             options={"w4a8.grouped_gemm": args.gemm, "w4a8.fuse": args.fuse})
+    with value_checks(False):
+        runner = CUDAGraphRunner(compiled, max_num_batched_tokens=8192, capture_sizes=[8192], progress=False)
+        for T in (8192, 8191):
+            x, logits = inputs(T, moe)
+            out = runner(x, logits)
+            torch.cuda.synchronize()
+            assert torch.isfinite(out).all(), f"non-finite output at T={T}"
+            print(f"memcheck replay T={T}: ok ({config['hidden_size']} hidden)")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--max-tokens", type=int, default=8192)
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 8192])
+    p.add_argument("--gemm", choices=("triton", "extern"), default="triton")
+    p.add_argument("--fuse", default="default")
+    p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--memcheck", action="store_true", help="replays at 8192 for compute-sanitizer")
+    p.add_argument("--full", action="store_true", help="--memcheck at the full GLM-4.6 size")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("graph_report needs a CUDA GPU", file=sys.stderr)
+        return 2
+    if args.memcheck:
+        memcheck(args)
+        return 0
+    result = report(args)
+    path = os.path.join(os.environ.get("OUT", "."), "graph_report.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
