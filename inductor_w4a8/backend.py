@@ -25,7 +25,9 @@ See docs/compile.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import logging
 from typing import Any, Sequence
 
 import torch
@@ -45,6 +47,8 @@ except ModuleNotFoundError:  # a source checkout that was not pip-installed: low
     _spec.loader.exec_module(lowerings)
 from .lowerings import _compat  # noqa: E402
 from .lowerings import decompositions as _decompositions  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 BACKEND_NAME = "w4a8"
 OPTION_PREFIX = "w4a8."
@@ -139,10 +143,32 @@ def w4a8_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, mod
         raise ValueError(f"mode={mode!r} and options['w4a8.mode']={option_mode!r} disagree; give one")
     mode = mode or option_mode
     patches = inductor_config_patches(mode, inductor_options, settings)
-    autograd_cache = {} if "post_grad_custom_pre_pass" in patches and patches.get("fx_graph_cache", True) \
-        else {"enable_autograd_cache": False}
-    with lowerings.compiling(settings), _compat.autograd_cache_config().patch(autograd_cache):
-        return _compat.compile_fx()(gm, example_inputs, config_patches=patches)
+    # no cache key of ours in the patches -> no AOTAutograd cache either
+    autograd_cache = {"enable_autograd_cache": False} if patches.get("fx_graph_cache") is False else {}
+    try:
+        with lowerings.compiling(settings), _compat.autograd_cache_config().patch(autograd_cache):
+            return _compat.compile_fx()(gm, example_inputs, config_patches=patches)
+    except Exception as exc:  # noqa: BLE001
+        if settings.grouped_gemm != "triton" or settings.gemm_launch is not None or \
+                not _calls_gemm(gm) or not _on_devices(example_inputs, settings.inline_devices):
+            raise
+        # The traced GEMM is the newest part of the path: if Inductor fails on it, compile
+        # with the op called instead (same kernel, chosen per call) rather than fail the model.
+        log.warning("w4a8 backend: compiling with the grouped GEMM traced into Inductor's code "
+                    "failed (%s: %s); compiling again with w4a8.grouped_gemm='extern'",
+                    type(exc).__name__, exc)
+        settings = dataclasses.replace(settings, grouped_gemm="extern")
+        patches = inductor_config_patches(mode, inductor_options, settings)
+        with lowerings.compiling(settings), _compat.autograd_cache_config().patch(autograd_cache):
+            return _compat.compile_fx()(gm, example_inputs, config_patches=patches)
+
+
+def _on_devices(example_inputs, devices) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.device.type in devices for t in example_inputs)
+
+
+def _calls_gemm(gm) -> bool:
+    return any(n.op == "call_function" and "grouped_gemm" in str(n.target) for n in gm.graph.nodes)
 
 
 def register() -> None:

@@ -149,6 +149,69 @@ class _Progress:
             self._bar.close()
 
 
+class _CudaGraphOps:
+    """The CUDA calls of capture and replay (a seam: tests swap in `_ReplayByRerun`)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def free_bytes(self) -> int:
+        return torch.cuda.mem_get_info(self.device)[0]
+
+    def reserved_bytes(self) -> int:
+        return torch.cuda.memory_reserved(self.device)
+
+    def new_pool(self):
+        return torch.cuda.graph_pool_handle()
+
+    def on_side_stream(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on a side stream (as capture does), ordered after and before the current one."""
+        side = torch.cuda.Stream(self.device)
+        current = torch.cuda.current_stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            result = fn()
+        current.wait_stream(side)
+        return result
+
+    def capture(self, fn: Callable[[], Any], pool) -> Any:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            fn()
+        return graph
+
+
+class _ReplayByRerun(_CudaGraphOps):
+    """Stand-in for tests without a GPU: "capture" keeps fn, "replay" runs it again (same static
+    buffers in and out), so the runner's graph bookkeeping runs on any device."""
+
+    class Graph:
+        def __init__(self, fn):
+            self.replay = fn
+
+    def synchronize(self) -> None:
+        pass
+
+    def free_bytes(self) -> int:
+        return 0
+
+    def reserved_bytes(self) -> int:
+        return 0
+
+    def new_pool(self):
+        return None
+
+    def on_side_stream(self, fn):
+        return fn()
+
+    def capture(self, fn, pool):
+        fn()
+        return self.Graph(fn)
+
+
 def _flatten_outputs(out: Any) -> tuple[list[torch.Tensor], bool]:
     if isinstance(out, torch.Tensor):
         return [out], True
@@ -177,8 +240,9 @@ class CUDAGraphRunner:
     past T zeroed), the graph of the next capture size up replays, and the first T output rows
     are returned. T above the max is split into chunks of at most the max (chunked prefill).
 
-    copy_outputs=True (default) returns fresh tensors; False returns views of the graph's output
-    buffers, valid only until the next call. On a device without CUDA graphs (CPU), or with
+    All graphs write their result into one shared output buffer of max rows (the pool then holds
+    one forward's workspace, not one output per size). copy_outputs=True (default) returns fresh
+    tensors; False returns views of that buffer, valid only until the next call. On a device without CUDA graphs (CPU), or with
     use_cuda_graphs=False, the same padding and chunking runs the function directly.
     """
 
@@ -197,8 +261,9 @@ class CUDAGraphRunner:
         self.warmup_iters = warmup_iters
         self.progress = progress
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.static_outputs: dict[int, list[torch.Tensor]] = {}
         self.static_inputs: list[torch.Tensor] | None = None
+        self.static_output_buffers: list[torch.Tensor] | None = None
+        self._out_template: list[tuple[tuple[int, ...], torch.dtype, torch.device]] | None = None
         self.pool = None
         self.report: dict[str, Any] | None = None
         self._single_output = True
@@ -240,20 +305,23 @@ class CUDAGraphRunner:
                         f"{device}. Build a new runner for other shapes")
         return T
 
-    def _graphs_enabled(self, device: torch.device) -> bool:
+    def _graph_ops(self, device: torch.device) -> _CudaGraphOps | None:
+        if isinstance(self.use_cuda_graphs, _CudaGraphOps):  # tests: a stand-in
+            return self.use_cuda_graphs
         if self.use_cuda_graphs is None:
-            return device.type == "cuda"
+            return _CudaGraphOps(device) if device.type == "cuda" else None
         if self.use_cuda_graphs and device.type != "cuda":
             raise ValueError(f"CUDAGraphRunner: use_cuda_graphs=True needs CUDA tensors, got {device}")
-        return self.use_cuda_graphs
+        return _CudaGraphOps(device) if self.use_cuda_graphs else None
 
     def _views(self, size: int) -> list[torch.Tensor]:
         views = [buf[:size] for buf in self.static_inputs]
         if size >= 2 and _is_compiled(self.fn):
             # One dynamic graph for every size >= 2 from the first compile on (size 1 is
-            # specialized by Dynamo: the one recompile).
+            # specialized by Dynamo: the one recompile). mark_dynamic, as callers are told to
+            # use, not maybe_mark_dynamic: Dynamo guards on which kind of mark a tensor has.
             for v in views:
-                torch._dynamo.maybe_mark_dynamic(v, 0)
+                torch._dynamo.mark_dynamic(v, 0)
         return views
 
     def _call(self, size: int) -> list[torch.Tensor]:
@@ -264,6 +332,14 @@ class CUDAGraphRunner:
                                  f"{size} tokens; outputs must have the token count as first dim")
         self._single_output = single
         return outs
+
+    def _set_out_template(self, outs: list[torch.Tensor]) -> None:
+        self._out_template = [(tuple(o.shape[1:]), o.dtype, o.device) for o in outs]
+
+    def _check_out_template(self, outs: list[torch.Tensor]) -> None:
+        if [(tuple(o.shape[1:]), o.dtype, o.device) for o in outs] != self._out_template:
+            raise ValueError("CUDAGraphRunner: the function's outputs changed shape or dtype between "
+                             "token counts; only the first dim may depend on the token count")
 
     # ------------------------------------------------------------------------------------
     def capture(self, *example_args: torch.Tensor) -> dict[str, Any]:
@@ -277,45 +353,59 @@ class CUDAGraphRunner:
         template = [(tuple(a.shape[1:]), a.dtype, a.device) for a in example_args]
         self.static_inputs = [torch.zeros((self.max_num_batched_tokens,) + tail, dtype=dtype, device=dev)
                               for tail, dtype, dev in template]
-        graphs = self._graphs_enabled(device)
+        ops = self._graph_ops(device)
         descending = sorted(self.sizes, reverse=True)
         t0 = time.perf_counter()
         warmup_s = 0.0
-        if not graphs:
+        if ops is None:
             for size in descending:
-                self.static_outputs[size] = self._call(size)
+                self._set_out_template(self._call(size))
             self._template = template
             self.report = {"num_graphs": 0, "sizes": list(self.sizes), "capture_s": 0.0,
                            "warmup_s": time.perf_counter() - t0, "pool_bytes": 0, "device_bytes": 0}
             return self.report
 
-        torch.cuda.synchronize(device)
-        free0 = torch.cuda.mem_get_info(device)[0]
-        reserved0 = torch.cuda.memory_reserved(device)
-        self.pool = torch.cuda.graph_pool_handle()
+        ops.synchronize()
+        free0, reserved0 = ops.free_bytes(), ops.reserved_bytes()
+        self.pool = ops.new_pool()
         progress = _Progress(len(descending), self.progress)
-        side = torch.cuda.Stream(device)
+
+        def warm(size: int) -> list[torch.Tensor]:
+            outs = None
+            for _ in range(self.warmup_iters):
+                outs = self._call(size)
+            return outs
+
+        def captured_body(size: int) -> Callable[[], None]:
+            def body():
+                outs = self._call(size)
+                self._check_out_template(outs)
+                for buf, o in zip(self.static_output_buffers, outs):
+                    buf[:size].copy_(o)
+            return body
+
         try:
             for size in descending:
                 # Warm up outside capture: compiles (torch.compile, Triton JIT, autotuning) happen
                 # here, never inside the capture.
                 tw = time.perf_counter()
-                side.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(side):
-                    for _ in range(self.warmup_iters):
-                        self._call(size)
-                torch.cuda.current_stream(device).wait_stream(side)
-                torch.cuda.synchronize(device)
+                outs = ops.on_side_stream(lambda: warm(size))
+                ops.synchronize()
+                if self.static_output_buffers is None:
+                    # One output buffer of max rows for all graphs, allocated outside the pool:
+                    # each graph copies its result into it, so no graph's output holds pool
+                    # memory after its capture and the pool stays the size of one forward.
+                    self._set_out_template(outs)
+                    self.static_output_buffers = [
+                        torch.empty((self.max_num_batched_tokens,) + tail, dtype=dtype, device=dev)
+                        for tail, dtype, dev in self._out_template]
+                del outs
                 warmup_s += time.perf_counter() - tw
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool):
-                    outs = self._call(size)
-                self.graphs[size] = graph
-                self.static_outputs[size] = outs
+                self.graphs[size] = ops.capture(captured_body(size), self.pool)
                 progress.update(size)
         finally:
             progress.close()
-        torch.cuda.synchronize(device)
+        ops.synchronize()
         total_s = time.perf_counter() - t0
         self._template = template
         self.report = {
@@ -324,9 +414,9 @@ class CUDAGraphRunner:
             "capture_s": total_s - warmup_s,
             "warmup_s": warmup_s,
             # bytes the caching allocator reserved for the graphs' pool (and static buffers)
-            "pool_bytes": torch.cuda.memory_reserved(device) - reserved0,
+            "pool_bytes": ops.reserved_bytes() - reserved0,
             # bytes the device lost, graphs' own driver memory included
-            "device_bytes": free0 - torch.cuda.mem_get_info(device)[0],
+            "device_bytes": free0 - ops.free_bytes(),
         }
         log.info("w4a8: captured %d CUDA graphs (1..%d tokens) in %.1f s (+%.1f s warm-up), "
                  "pool %.1f MiB, device %.1f MiB", self.report["num_graphs"], self.max_num_batched_tokens,
@@ -350,7 +440,7 @@ class CUDAGraphRunner:
                 buf[n:size].zero_()
         if size in self.graphs:
             self.graphs[size].replay()
-            outs = self.static_outputs[size]
+            outs = self.static_output_buffers
         else:
             outs = self._call(size)
         return [o[:n] for o in outs]
@@ -363,9 +453,7 @@ class CUDAGraphRunner:
         if 0 < T <= M and not self.copy_outputs:
             outs = self._run(args, 0, T)
         else:
-            first_size = self.sizes[0]
-            ref = self.static_outputs[first_size]
-            outs = [torch.empty((T,) + tuple(o.shape[1:]), dtype=o.dtype, device=o.device) for o in ref]
+            outs = [torch.empty((T,) + tail, dtype=dtype, device=dev) for tail, dtype, dev in self._out_template]
             for lo in range(0, T, M):
                 hi = min(lo + M, T)
                 for dst, src in zip(outs, self._run(args, lo, hi)):

@@ -75,9 +75,19 @@ def unpack_int4(packed: torch.Tensor, *, biased: bool) -> torch.Tensor:
     return q.reshape(*packed.shape[:-1], packed.shape[-1] * NIBBLES_PER_WORD).to(torch.int8)
 
 
+# (v - 8) & 0xF == v ^ 8 for every nibble v in [0, 15]: flipping bit 3 of each nibble moves
+# between uint4b8 and two's complement in both directions, one XOR per 32-bit word.
+NIBBLE_SIGN_FLIP = -0x77777778  # 0x88888888 as int32
+
+
 def uint4b8_to_signed_int4(packed: torch.Tensor) -> torch.Tensor:
     """Every nibble v -> (v - 8) & 0xF. Out of place; the op of the same name works in place."""
-    return pack_int4(unpack_int4(packed, biased=True), biased=False)
+    return packed ^ NIBBLE_SIGN_FLIP
+
+
+def uint4b8_to_signed_int4_(packed: torch.Tensor) -> torch.Tensor:
+    """In-place form of `uint4b8_to_signed_int4` (no temporaries: safe on full-size weights)."""
+    return packed.bitwise_xor_(NIBBLE_SIGN_FLIP)
 
 
 # --------------------------------------------------------------------------------------------

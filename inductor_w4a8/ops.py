@@ -49,7 +49,7 @@ def _(packed: Tensor) -> None:
 @convert_packed_uint4b8_to_signed_int4_.register_kernel("cpu")
 def _(packed: Tensor) -> None:
     _check_packed_weights("convert_packed_uint4b8_to_signed_int4_", packed)
-    packed.copy_(formats.uint4b8_to_signed_int4(packed))
+    formats.uint4b8_to_signed_int4_(packed)
 
 
 @convert_packed_uint4b8_to_signed_int4_.register_kernel("cuda")

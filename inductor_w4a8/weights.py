@@ -21,7 +21,9 @@ what was found. Expert tensors are read in three spellings:
     stacked as W4A8MoE / vLLM FusedMoE parameters: {layer}.experts.{w13|w2}_weight_{packed|scale}
 
 and stacked into one W4A8MoE per layer (w13 = cat(gate, up) along N), which is then
-post-processed. `{layer}.gate.e_score_correction_bias` goes to the layer (sigmoid routing); every
+post-processed. An intermediate size that is not a multiple of the group size (the last group of
+w2 is partial) is padded with zero channels to whole groups, as tensor parallel does per rank
+(inductor_w4a8.tp); `tp_rank` / `tp_size` load one rank's shard. `{layer}.gate.e_score_correction_bias` goes to the layer (sigmoid routing); every
 other tensor (router weights, norms, shared experts, ...) is returned as is.
 
 The writer (`save_w4a8_checkpoint`) produces the same format from bf16 weights through
@@ -31,7 +33,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field

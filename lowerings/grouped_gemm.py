@@ -126,12 +126,16 @@ def traced_grouped_gemm(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, gr
     # Branches return 1-tuples: the cond op's outputs are a sequence (Inductor's lowering of
     # it pairs outputs with the node's fake values one by one).
     def branch(tile):
-        def run(a, a_scale, w, w_scale, offsets, *chan):
+        def run(*ops):
+            a, a_scale, w, w_scale, offsets, *chan = [t for t in ops if isinstance(t, torch.Tensor)]
             return (launch(a, a_scale, w, w_scale, chan[0] if chan else None, offsets, group_size, tile),)
         return run
 
     regimes = tile_regimes(choose)
-    operands = (a, a_scale, w, w_scale, expert_offsets) + ((w_chan_scale,) if has_chan else ())
+    # The bare size symbols first (Inductor binds a subgraph's symbols from its operands, in
+    # order, and cannot solve R = T * top_k for T), then the tensors.
+    operands = (tuple(_compat.free_size_symbols(a.shape[0])) + (a, a_scale, w, w_scale, expert_offsets)
+                + ((w_chan_scale,) if has_chan else ()))
 
     def dispatch(i: int):
         last, tile = regimes[i]
@@ -140,7 +144,8 @@ def traced_grouped_gemm(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, gr
         rest = dispatch(i + 1)
 
         def run(*ops):
-            pred = ops[0].shape[0] <= last
+            rows = next(t for t in ops if isinstance(t, torch.Tensor)).shape[0]  # this graph's R
+            pred = rows <= last
             if isinstance(pred, bool):  # static R: pick the branch now
                 return (branch(tile) if pred else rest)(*ops)
             return tuple(_compat.cond_op()(pred, branch(tile), rest, ops))

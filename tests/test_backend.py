@@ -263,31 +263,59 @@ def test_traced_gemm_dispatches_tile_regimes_without_recompiles():
     captured = {}
 
     def gemm_only(a, a_scale, offsets):
+        # R = 2 * T rows: a size expression, as in the block (T * top_k), not a bare symbol
+        a = a.view(torch.uint8).repeat(2, 1).view(a.dtype)
+        a_scale = a_scale.repeat(2, 1)
         return torch.ops.w4a8.grouped_gemm(a, a_scale, moe.w13_weight, moe.w13_group_scale, None, offsets, 32)
 
     compiled = torch.compile(gemm_only, backend=recorder, fullgraph=True)
     K = SMALL["hidden_size"]
-    for R in (2, 16, 127, 128, 129, 256, 257, 512, 513, 1000, 1):
-        x = (torch.randn(R, K) * 2).to(torch.bfloat16)
+    for T in (2, 8, 63, 64, 65, 128, 129, 256, 257, 500, 1):
+        R = 2 * T
+        x = (torch.randn(T, K) * 2).to(torch.bfloat16)
         a, a_scale = formats.quantize_fp8_per_token(x)
         offsets = torch.linspace(0, R, E + 1).round().long()
         mark_tokens(a, a_scale)
-        if R == 2:
+        if T == 2:
             out, codes = run_and_get_code(compiled, a, a_scale, offsets)
             captured["code"] = "\n".join(codes)
         else:
             out = compiled(a, a_scale, offsets)
         tile = gemm_tiles.choose_tile(R, moe.w13_weight.shape[1], K, E, 32)
         seen[R] = tile.block_m
-        ref = _marker_launch(a, a_scale, moe.w13_weight, moe.w13_group_scale, None, offsets, 32, tile)
+        a2, s2 = a.view(torch.uint8).repeat(2, 1).view(a.dtype), a_scale.repeat(2, 1)
+        ref = _marker_launch(a2, s2, moe.w13_weight, moe.w13_group_scale, None, offsets, 32, tile)
         assert torch.all(out[:, 0] == tile.block_m), f"R={R}: ran {out[:, 0].unique()}, eager picks {tile}"
         assert rel_error(out[:, 1:], ref[:, 1:]) < 1e-2, f"R={R}: wrong rows"
     assert len(set(seen.values())) >= 3, seen  # several regimes were exercised
     assert unique_graphs() <= 2
     assert graph_breaks() == 0
     # one compiled graph holds the regimes as host-side branches on the row count
-    assert re.search(r"if s\d+ <= \d+", captured["code"]), captured["code"][:3000]
+    assert re.search(r"if 2\*s\d+ <= \d+", captured["code"]), captured["code"][:3000]
     assert "torch.ops.w4a8.grouped_gemm.default(" not in captured["code"]
+
+
+def _reference_launch(a, a_scale, w, w_scale, w_chan_scale, offsets, group_size, tile):
+    q = formats.decode_gemm_layout(w).float()
+    s = formats.expand_group_scales(formats.effective_group_scales(w_scale, w_chan_scale), group_size)
+    rows = torch.arange(a.shape[0], device=a.device)
+    e = (torch.searchsorted(offsets, rows, right=True) - 1).clamp(0, w.shape[0] - 1)
+    return torch.einsum("rk,rnk->rn", a.float() * a_scale, (q * s)[e]).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("scale_mode", ["exact", "fp8"])
+def test_traced_gemm_in_the_block(scale_mode):
+    """The whole block with the GEMM traced (stand-in launch on CPU): R = T * top_k is a size
+    expression inside the conds, the channel scales ride along in fp8 mode; one graph (T = 1
+    aside), and the result matches eager."""
+    moe = make_moe(scale_mode=scale_mode)
+    options = {"w4a8.inline_devices": ("cpu",), "w4a8.gemm_launch": _reference_launch}
+    compiled = torch.compile(moe, backend="w4a8", fullgraph=True, options=options)
+    for T in (6, 1, 100, 700):
+        x, logits = mark_tokens(*make_inputs(T, moe))
+        out = compiled(x, logits)
+        assert rel_error(out, moe(x, logits)) < 1e-2, T
+    assert unique_graphs() <= 2 and graph_breaks() == 0
 
 
 # ============================================================================================

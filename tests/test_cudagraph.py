@@ -20,8 +20,8 @@ import torch
 from torch._dynamo.utils import counters
 
 import inductor_w4a8 as w4a8
-from inductor_w4a8.cudagraph import (MAX_CAPTURE_SIZES, MAX_PADDING_WASTE, CUDAGraphRunner, capture_sizes,
-                                     padded_size, padding_waste)
+from inductor_w4a8.cudagraph import (MAX_CAPTURE_SIZES, MAX_PADDING_WASTE, CUDAGraphRunner, _ReplayByRerun,
+                                     capture_sizes, padded_size, padding_waste)
 from inductor_w4a8.testing import rel_error
 
 from compile_utils import GLM, SMALL, make_inputs, make_moe
@@ -174,6 +174,38 @@ def test_runner_refuses_bad_inputs():
         bad_out(torch.randn(3, 2))
 
 
+def test_graph_bookkeeping_with_replay_stand_in():
+    """The CUDA-graph path (warm-up, capture into the shared output buffer, replay from the
+    static buffers) with a stand-in whose replay re-runs the captured body on the same buffers."""
+    fn = Recorder()
+    runner = CUDAGraphRunner(fn, max_num_batched_tokens=64, use_cuda_graphs=_ReplayByRerun("cpu"),
+                             warmup_iters=2, progress=False)
+    report = runner.capture(torch.randn(3, 8), torch.randn(3, 3))
+    sizes = capture_sizes(64)
+    assert report["num_graphs"] == len(sizes) == len(runner.graphs)
+    # largest first, each warmed up twice, then captured once
+    assert [t for t, _, _ in fn.seen[:4]] == [64, 64, 64, 56]
+    assert [b.shape for b in runner.static_output_buffers] == [(64, 8), (64, 1)]
+    for T in (1, 3, 5, 33, 64, 65, 130):
+        x, logits = torch.randn(T, 8), torch.randn(T, 3)
+        n0 = len(fn.seen)
+        y, s = runner(x, logits)
+        assert torch.equal(y, x * 2) and torch.equal(s, logits.sum(-1, keepdim=True)), T
+        assert len(fn.seen) - n0 == -(-T // 64)  # one replay per chunk
+    view_runner = CUDAGraphRunner(fn, 64, use_cuda_graphs=_ReplayByRerun("cpu"), copy_outputs=False,
+                                  progress=False)
+    y, _ = view_runner(torch.randn(10, 8), torch.randn(10, 3))
+    assert y.data_ptr() == view_runner.static_output_buffers[0].data_ptr()
+
+
+def test_graph_path_refuses_outputs_that_change_shape():
+    def fn(x):
+        return x if x.shape[0] > 8 else x[:, :1]
+    runner = CUDAGraphRunner(fn, 16, use_cuda_graphs=_ReplayByRerun("cpu"), progress=False)
+    with pytest.raises(ValueError, match="changed shape"):
+        runner(torch.randn(2, 4))
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_runner_moe_cpu_matches_eager_at_boundaries(compiled):
     moe = make_moe()
@@ -220,7 +252,7 @@ def test_cuda_replay_views_and_static_buffers():
     runner = CUDAGraphRunner(moe, max_num_batched_tokens=512, copy_outputs=False, progress=False)
     x, logits = make_inputs(300, moe)
     out = runner(x, logits)
-    assert out.data_ptr() == runner.static_outputs[runner.padded_size(300)][0].data_ptr()
+    assert out.data_ptr() == runner.static_output_buffers[0].data_ptr()
     ref = moe(x, logits)
     assert rel_error(out, ref) < 1e-2
     buffers = [b.data_ptr() for b in runner.static_inputs]

@@ -302,3 +302,21 @@ def test_refusals():
     with pytest.raises(ValueError, match="hidden_size=40"):
         w4a8.patch_moe(odd)
     assert find_moe_blocks(Holder(MixtralBlock4x())) and not find_moe_blocks(nn.Linear(2, 2))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["qwen3_moe", "glm4_moe"])
+def test_patched_model_on_gpu(kind):
+    model = tiny(kind).cuda()
+    ref = copy.deepcopy(model)
+    w4a8.patch_moe(model)
+    ids = prompts().cuda()
+    with torch.no_grad():
+        cos, top1 = logits_metrics(ref(ids).logits, model(ids).logits)
+    want = greedy(model, ids[:, :6])
+    same = (greedy(ref, ids[:, :6]) == want).float().mean().item()
+    model.forward = torch.compile(model.forward, backend="w4a8", dynamic=True)
+    compiled_same = (greedy(model, ids[:, :6]) == want).float().mean().item()
+    print(f"{kind} on GPU: logits cosine {cos:.5f}, top-1 {top1:.3f}, greedy equal to bf16 {same:.3f}, "
+          f"compiled greedy equal to eager {compiled_same:.3f}")
+    assert cos > 0.999 and top1 >= 0.85 and same >= 0.5 and compiled_same >= 0.9

@@ -86,12 +86,12 @@ def test_glm46_shard_table():
 
 
 @pytest.mark.parametrize("I,G,world", [(192, 64, 2), (192, 64, 3), (1536, 128, 8), (96, 32, 5), (200, 32, 3)])
-def test_shards_hold_exactly_their_channels(I, G, world):
+def test_shards_hold_exactly_their_channels(I, G, world, seed):
     """Each rank's dequantized w13 rows / w2 columns are the global ones for its channels and zero
     elsewhere; its w2 scales are the global group scales; the fp64 MoE of the shards sums to the
     fp64 MoE of the whole layer."""
     E, H = 2, 128
-    w1, w3, w2 = bf16_experts(E, H, -(-I // 8) * 8)
+    w1, w3, w2 = bf16_experts(E, H, -(-I // 8) * 8, seed=seed)
     w1, w3, w2 = w1[:, :I], w3[:, :I], w2[:, :, :I]
     Ip = -(-I // G) * G                                        # quantize as a padded writer would
     pad = torch.nn.functional.pad
@@ -100,7 +100,7 @@ def test_shards_hold_exactly_their_channels(I, G, world):
     w2p = w2p_full[..., :-(-I // 8)].contiguous()                  # ceil(I / 8) words, ceil(I / G) groups
     W13, W2 = dequant(w13p, w13s, G), dequant(w2p_full, w2s, G)[..., :I]
     layer = checkpoint_layer(E=E, top_k=1, H=H, I=Ip, G=G)
-    x, logits = inputs(E, H, T=5)
+    x, logits = inputs(E, H, T=5, seed=seed + 1)
     total = torch.zeros(5, H, dtype=torch.float64)
     for r in range(world):
         s = intermediate_shard(I, G, r, world)
@@ -123,14 +123,14 @@ def test_shards_hold_exactly_their_channels(I, G, world):
 
 
 @pytest.mark.parametrize("world", [2, 8])
-def test_sharded_layers_sum_to_tp1(world):
+def test_sharded_layers_sum_to_tp1(world, seed):
     """In one process: the W4A8 shards (post-processed, real ops) sum to the TP=1 layer up to the
     per-rank fp8 activation scales, and are no less accurate against the exact fp64 MoE."""
     cfg = GLM_SMALL if world == 8 else dict(E=4, top_k=2, H=128, I=192, G=64, scoring="softmax",
                                             n_group=None, topk_group=None, routed_scaling_factor=1.0)
     layer = checkpoint_layer(**{k: v for k, v in cfg.items() if k not in ("E", "H", "I", "G", "top_k")},
-                             E=cfg["E"], top_k=cfg["top_k"], H=cfg["H"], I=cfg["I"], G=cfg["G"])
-    x, logits = inputs(cfg["E"], cfg["H"], T=24)
+                             E=cfg["E"], top_k=cfg["top_k"], H=cfg["H"], I=cfg["I"], G=cfg["G"], seed=seed)
+    x, logits = inputs(cfg["E"], cfg["H"], T=24, seed=seed + 2)
     exact = dense(x, logits, dequant(layer.w13_weight_packed, layer.w13_weight_scale, cfg["G"]),
                   dequant(layer.w2_weight_packed, layer.w2_weight_scale, cfg["G"]), layer)
     y1 = processed_copy(layer)(x, logits).double()

@@ -64,8 +64,8 @@ def dequant(w, G):
 # ------------------------------------------------------------------------------------------------
 # The written format
 # ------------------------------------------------------------------------------------------------
-def test_writer_writes_llm_compressor_keys_and_config(tmp_path):
-    w1, w3, w2 = bf16_experts(E=3, H=128, I=64)
+def test_writer_writes_llm_compressor_keys_and_config(tmp_path, seed):
+    w1, w3, w2 = bf16_experts(E=3, H=128, I=64, seed=seed)
     path = save_w4a8_checkpoint(tmp_path, {LAYER: (w1, w3, w2)}, group_size=64, config=QWEN)
     cfg = json.loads((path / "config.json").read_text())
     qc = cfg["quantization_config"]
@@ -94,8 +94,8 @@ def test_writer_writes_llm_compressor_keys_and_config(tmp_path):
 
 @pytest.mark.parametrize("layout,shard", [("per_expert", None), ("stacked", None), ("per_expert", 40_000)])
 @pytest.mark.parametrize("scale_mode", ["exact", "fp8"])
-def test_load_equals_from_float(tmp_path, layout, shard, scale_mode):
-    w1, w3, w2 = bf16_experts(E=4, H=128, I=96)
+def test_load_equals_from_float(tmp_path, layout, shard, scale_mode, seed):
+    w1, w3, w2 = bf16_experts(E=4, H=128, I=96, seed=seed)
     extra = {f"{LAYER}.gate.weight": torch.randn(4, 128).to(torch.bfloat16)}
     path = save_w4a8_checkpoint(tmp_path, {LAYER: (w1, w3, w2)}, group_size=32, config=QWEN,
                                 tensors=extra, layout=layout, max_shard_bytes=shard)
@@ -114,17 +114,18 @@ def test_load_equals_from_float(tmp_path, layout, shard, scale_mode):
         assert torch.equal(moe.state_dict()[name].view(torch.uint8) if t.dtype == torch.float8_e4m3fn
                            else moe.state_dict()[name], t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn
                            else t), name
-    x, logits = inputs(4, 128)
+    x, logits = inputs(4, 128, seed=seed + 1)
     y = moe(x, logits)
     assert torch.equal(y, ref(x, logits))
-    # and the layer computes the MoE of the checkpoint's weights (fp8 activations aside)
+    # and the layer computes the MoE of the checkpoint's weights, up to the fp8 activations (and,
+    # in fp8 mode, the fp8 group scales): ~4.5% and ~6% normwise on these shapes
     exact = dense_reference(x, logits, dequant(w1, 32), dequant(w3, 32), dequant(w2, 32), routing)
-    assert rel_error(y, exact) < 0.06
+    assert rel_error(y, exact) < (0.07 if scale_mode == "exact" else 0.1)
 
 
-def test_spellings_mixtral_names_and_stacked_projections(tmp_path):
+def test_spellings_mixtral_names_and_stacked_projections(tmp_path, seed):
     """Mixtral's w1/w3/w2 per-expert names and per-projection stacked keys load the same layer."""
-    w1, w3, w2 = bf16_experts(E=4, H=128, I=64)
+    w1, w3, w2 = bf16_experts(E=4, H=128, I=64, seed=seed)
     base = save_w4a8_checkpoint(tmp_path / "base", {LAYER: (w1, w3, w2)}, group_size=64, config=QWEN)
     tensors = load_file(str(base / "model.safetensors"))
     cfg = json.loads((base / "config.json").read_text())
@@ -151,8 +152,8 @@ def test_spellings_mixtral_names_and_stacked_projections(tmp_path):
         assert torch.equal(load_w4a8_checkpoint(d).moe_layers[LAYER](x, logits), y_ref), name
 
 
-def test_sigmoid_routing_and_bias_from_config(tmp_path):
-    w1, w3, w2 = bf16_experts(E=4, H=128, I=128)
+def test_sigmoid_routing_and_bias_from_config(tmp_path, seed):
+    w1, w3, w2 = bf16_experts(E=4, H=128, I=128, seed=seed)
     bias = torch.randn(4) * 0.1
     path = save_w4a8_checkpoint(tmp_path, {LAYER: (w1, w3, w2)}, group_size=128, config=GLM,
                                 tensors={f"{LAYER}.gate.e_score_correction_bias": bias})
@@ -182,11 +183,11 @@ def test_routing_from_hf_configs():
         moe_routing_from_config({"model_type": "llama"})
 
 
-def test_intermediate_not_a_multiple_of_the_group_is_padded(tmp_path):
+def test_intermediate_not_a_multiple_of_the_group_is_padded(tmp_path, seed):
     """I = 48 with G = 32 (compressed-tensors stores ceil(48 / 32) = 2 groups): the layer pads I
     to 64 with zero channels and computes exactly the layer of the zero-padded weights."""
     E, H, I, G = 3, 64, 48, 32
-    w1, w3, w2 = bf16_experts(E=E, H=H, I=I)
+    w1, w3, w2 = bf16_experts(E=E, H=H, I=I, seed=seed)
     pad = 64 - I
     p1, p3 = torch.nn.functional.pad(w1, (0, 0, 0, pad)), torch.nn.functional.pad(w3, (0, 0, 0, pad))
     p2 = torch.nn.functional.pad(w2, (0, pad))
@@ -214,13 +215,13 @@ def test_intermediate_not_a_multiple_of_the_group_is_padded(tmp_path):
     assert torch.equal(moe(x, logits), ref(x, logits))
 
 
-def test_tensor_parallel_shards_sum_to_the_layer(tmp_path):
+def test_tensor_parallel_shards_sum_to_the_layer(tmp_path, seed):
     """Loading rank r of TP=world in one process: the shards' outputs sum to the TP=1 output
     (up to the per-rank fp8 quantization of the intermediate activations)."""
     E, H, I, G = 4, 128, 192, 64
-    w1, w3, w2 = bf16_experts(E=E, H=H, I=I)
+    w1, w3, w2 = bf16_experts(E=E, H=H, I=I, seed=seed)
     path = save_w4a8_checkpoint(tmp_path, {LAYER: (w1, w3, w2)}, group_size=G, config=QWEN)
-    x, logits = inputs(E, H, T=16)
+    x, logits = inputs(E, H, T=16, seed=seed + 1)
     y1 = load_w4a8_checkpoint(path).moe_layers[LAYER](x, logits).double()
     exact = dense_reference(x, logits, dequant(w1, G), dequant(w3, G), dequant(w2, G),
                             moe_routing_from_config(QWEN))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..formats import NIBBLE_SIGN_FLIP
 from ..kernels.int4_convert import uint4b8_to_signed_kernel
 from ._common import cdiv, device_guard
 
@@ -21,4 +22,4 @@ def convert_uint4b8_to_signed_(packed: torch.Tensor) -> None:
     if n == 0:
         return
     with device_guard(packed):
-        uint4b8_to_signed_kernel[(cdiv(n, BLOCK),)](packed, n, BLOCK=BLOCK, num_warps=4)
+        uint4b8_to_signed_kernel[(cdiv(n, BLOCK),)](packed, n, SIGN_FLIP=NIBBLE_SIGN_FLIP, BLOCK=BLOCK, num_warps=4)

@@ -38,6 +38,8 @@ def sort_by_expert(topk_ids: torch.Tensor, num_experts: int, *, chunk: int | Non
     offsets = torch.empty((E + 1,), dtype=torch.int64, device=dev)
     block_e = next_pow2(E)
     chunk = chunk or _chunk_size(E)
+    if chunk != next_pow2(chunk):
+        raise ValueError(f"sort_by_expert: chunk={chunk} must be a power of 2")
     num_chunks = max(cdiv(N, chunk), 1)
     ids = topk_ids.reshape(-1)
     with device_guard(topk_ids):
