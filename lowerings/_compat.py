@@ -82,26 +82,17 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(idx).multi_processor_count
 
 
-def free_size_symbols(*values) -> list:
-    """The bare size symbols (as SymInts) that symbolic ints like 2*s0 are built from.
+def size_factor(value) -> int | None:
+    """c when the symbolic int `value` is c * s for one size symbol s (1 for a bare symbol or a
+    plain int); None for any other expression."""
+    import sympy
 
-    A cond branch that uses 2*s0 needs s0 itself among the cond's operands: Inductor binds a
-    subgraph's symbols from its operands, and it cannot solve 2*s0 for s0 (torch.cond under
-    Dynamo lifts the free symbols the same way). make_fx finds the proxy of a bare symbol it
-    already tracks (a graph input) by its expression."""
-    out, seen = [], set()
-    for v in values:
-        if not isinstance(v, torch.SymInt):
-            continue
-        node = v.node
-        for sym in sorted(node.expr.free_symbols, key=str):
-            if sym in seen:
-                continue
-            seen.add(sym)
-            env = node.shape_env
-            values_of = getattr(env, "backed_var_to_val", None)  # 2.13; var_to_val in 2.11
-            if values_of is None:
-                values_of = env.var_to_val
-            hint = values_of.get(sym)
-            out.append(env.create_symintnode(sym, hint=None if hint is None else int(hint)))
-    return out
+    if not isinstance(value, torch.SymInt):
+        return 1
+    expr = value.node.expr
+    if isinstance(expr, sympy.Symbol):
+        return 1
+    coeff, rest = expr.as_coeff_Mul()
+    if isinstance(rest, sympy.Symbol) and coeff.is_Integer and int(coeff) > 0:
+        return int(coeff)
+    return None

@@ -123,19 +123,27 @@ def traced_grouped_gemm(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, gr
     choose = choose or _default_choose(a, w, group_size)
     has_chan = w_chan_scale is not None
 
+    # Inductor binds a cond subgraph's size symbols from its operands' sizes and cannot solve
+    # R = T * top_k for T, so the row-indexed operands enter the conds viewed as [c, R / c, ...]
+    # (R = c * T): their dim 1 is the bare symbol. Branches flatten them back.
+    R, K = a.shape
+    c = _compat.size_factor(R)
+    if c is None:
+        raise NotImplementedError(f"grouped GEMM rows R={R}: not a constant times one size symbol")
+    if c > 1:
+        a, a_scale = a.view(c, R // c, K), a_scale.view(c, R // c, 1)
+
     # Branches return 1-tuples: the cond op's outputs are a sequence (Inductor's lowering of
     # it pairs outputs with the node's fake values one by one).
     def branch(tile):
-        def run(*ops):
-            a, a_scale, w, w_scale, offsets, *chan = [t for t in ops if isinstance(t, torch.Tensor)]
+        def run(a, a_scale, w, w_scale, offsets, *chan):
+            if a.dim() == 3:
+                a, a_scale = a.flatten(0, 1), a_scale.flatten(0, 1)
             return (launch(a, a_scale, w, w_scale, chan[0] if chan else None, offsets, group_size, tile),)
         return run
 
     regimes = tile_regimes(choose)
-    # The bare size symbols first (Inductor binds a subgraph's symbols from its operands, in
-    # order, and cannot solve R = T * top_k for T), then the tensors.
-    operands = (tuple(_compat.free_size_symbols(a.shape[0])) + (a, a_scale, w, w_scale, expert_offsets)
-                + ((w_chan_scale,) if has_chan else ()))
+    operands = (a, a_scale, w, w_scale, expert_offsets) + ((w_chan_scale,) if has_chan else ())
 
     def dispatch(i: int):
         last, tile = regimes[i]
@@ -144,7 +152,7 @@ def traced_grouped_gemm(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, gr
         rest = dispatch(i + 1)
 
         def run(*ops):
-            rows = next(t for t in ops if isinstance(t, torch.Tensor)).shape[0]  # this graph's R
+            rows = ops[0].shape[0] * ops[0].shape[1] if ops[0].dim() == 3 else ops[0].shape[0]
             pred = rows <= last
             if isinstance(pred, bool):  # static R: pick the branch now
                 return (branch(tile) if pred else rest)(*ops)
