@@ -34,7 +34,7 @@ import torch
 
 try:
     from . import lowerings
-except ModuleNotFoundError:  # a source checkout that was not pip-installed: lowerings/ is beside us
+except ImportError:  # a source checkout that was not pip-installed: lowerings/ is beside us
     import importlib.util
     import os
     import sys

@@ -167,9 +167,13 @@ def gemm_layout_dtype() -> torch.dtype:
 
 
 def gemm_layout_strides(E: int, N: int, K: int, device=None) -> torch.Tensor:
+    # Filled on the device: torch.tensor(list, device="cuda") is a pageable host->device copy,
+    # which waits for the current stream (a hidden sync that breaks stream ordering and capture).
     words = K // NIBBLES_PER_WORD
-    row = torch.tensor([N * words, words, 1], dtype=torch.int64, device=device)
-    return row.expand(E, 3).contiguous()
+    strides = torch.empty((E, 3), dtype=torch.int64, device=device)
+    for column, value in enumerate((N * words, words, 1)):
+        strides[:, column].fill_(value)
+    return strides
 
 
 # --------------------------------------------------------------------------------------------

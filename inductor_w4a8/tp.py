@@ -103,17 +103,14 @@ def shard_rows(packed: torch.Tensor, scale: torch.Tensor, spec: IntermediateShar
     own_s = scale[..., spec.start:spec.end, :]
     if not spec.padded:
         return own_p.contiguous(), own_s.contiguous()
-    lead = tuple(packed.shape[:-2])
-    zw = _zero_word(packed.device)
-    pieces_p, pieces_s = [], []
-    for n in (spec.lead, None, spec.tail):
-        if n is None:
-            pieces_p.append(own_p)
-            pieces_s.append(own_s)
-        elif n:
-            pieces_p.append(zw.expand(*lead, n, packed.shape[-1]))
-            pieces_s.append(scale.new_zeros(*lead, n, scale.shape[-1]))
-    return torch.cat(pieces_p, dim=-2).contiguous(), torch.cat(pieces_s, dim=-2).contiguous()
+    batch, zw = tuple(packed.shape[:-2]), _zero_word(packed.device)
+
+    def zeros(n):   # n rows of q = 0 with scale 0
+        return zw.expand(*batch, n, packed.shape[-1]), scale.new_zeros(*batch, n, scale.shape[-1])
+
+    parts = [zeros(spec.lead), (own_p, own_s), zeros(spec.tail)]
+    return (torch.cat([p for p, _ in parts], dim=-2).contiguous(),
+            torch.cat([s for _, s in parts], dim=-2).contiguous())
 
 
 def _check_rows(name, t, spec):

@@ -9,16 +9,16 @@ the kernel into the generated code as a user-defined Triton kernel launched from
 Tile choice under dynamic shapes: the launcher picks a tile from the row count R
 (`launch.gemm_tiles.choose_tile`); under torch.compile R is symbolic, and a Python branch on it
 would guard and recompile at every tile boundary. Instead the tile regimes (R ranges with one
-tile each, found by evaluating `choose_tile` itself) become nested `torch.cond`s on R, which
-Inductor turns into host-side `if` on the size symbol in the wrapper: one compiled graph for
-every token count, the same tile as eager at every R, one kernel launch per GEMM.
+tile each, found by evaluating `choose_tile` itself) become nested conds (the `torch.cond`
+higher-order op) on R, which Inductor turns into host-side `if` on the size symbol in the
+wrapper: one compiled graph for every token count, the same tile as eager at every R, one
+kernel launch per GEMM.
 
 Under max-autotune each regime's kernel is a triton.autotune over num_warps / num_stages around
 the regime's tile, which Inductor benchmarks like any user-defined autotuned Triton kernel.
 """
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Callable
 
@@ -109,7 +109,7 @@ def _default_choose(a, w, group_size) -> Callable[[int], object]:
     from inductor_w4a8.launch import gemm_tiles
     K = a.shape[1]
     E, N, _ = w.shape
-    return functools.partial(lambda R: gemm_tiles.choose_tile(R, N, K, E, group_size))
+    return lambda R: gemm_tiles.choose_tile(R, N, K, E, group_size)
 
 
 def traced_grouped_gemm(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_size, *,

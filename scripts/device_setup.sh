@@ -4,7 +4,7 @@
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || return 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 if ! python3 -m pip install -q --no-deps --no-build-isolation -e . > /tmp/pip_e.log 2>&1; then
-  echo "pip install -e . failed (tail below); falling back to PYTHONPATH"; tail -5 /tmp/pip_e.log
+  echo "pip install -e . failed (tail below); falling back to PYTHONPATH"; grep -iE "error|Error" /tmp/pip_e.log | head -8; cp /tmp/pip_e.log ${OUT:-/tmp}/pip_e.log 2>/dev/null
   export PYTHONPATH=/tmp/site:$PWD
 fi
 python3 -c "import torch, triton, inductor_w4a8.lowerings as l; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"

@@ -349,12 +349,29 @@ def test_cuda_generated_code_holds_our_kernel():
     assert "w4a8_grouped_gemm_kernel" in code          # the Triton kernel, traced into the code
     assert "def w4a8_grouped_gemm_kernel" in code       # ... with its source
     assert "torch.ops.w4a8.grouped_gemm.default(" not in code  # no extern fallback for it
-    assert re.search(r"if s\d+ <= \d+", code)          # tile regimes as host-side branches
+    assert re.search(r"if (\d+\*)?s\d+ <= \d+", code)  # tile regimes as host-side branches
     for op in ("quantize_fp8_per_token", "silu_mul_quantize_fp8", "combine"):
         assert f"torch.ops.w4a8.{op}.default(" not in code, op
     _, codes = run_and_get_code(torch.compile(moe, backend="w4a8", fullgraph=True,
                                               options={"w4a8.grouped_gemm": "extern"}), x, logits)
     assert "torch.ops.w4a8.grouped_gemm.default(" in "\n".join(codes)
+
+
+@cuda
+def test_cuda_max_autotune_tunes_the_traced_kernel():
+    moe = make_moe(device="cuda")
+    compiled = torch.compile(moe, backend="w4a8", mode="max-autotune-no-cudagraphs", fullgraph=True)
+    x, logits = mark_tokens(*make_inputs(300, moe))
+    out, codes = run_and_get_code(compiled, x, logits)
+    code = "\n".join(codes)
+    assert "w4a8_grouped_gemm_kernel" in code and "torch.ops.w4a8.grouped_gemm.default(" not in code
+    # the regime kernels are user kernels with several configs for Inductor to benchmark
+    config_lists = re.findall(r"configs=(\[.*?\]),\n", code)
+    assert any(c.count("num_warps") >= 2 for c in config_lists), config_lists
+    assert rel_error(out, moe(x, logits)) < 2e-2
+    for T in (1, 7, 2000):
+        x, logits = mark_tokens(*make_inputs(T, moe))
+        assert rel_error(compiled(x, logits), moe(x, logits)) < 2e-2
 
 
 @cuda

@@ -318,8 +318,11 @@ def test_cuda_block_matches_reference(routing, scale_mode, T, seed):
                                            layer.renormalize, layer.n_group or 0,
                                            layer.topk_group or 0, layer.routed_scaling_factor)
     ref = reference_forward(layer, ckpt, x, logits, routing=(w.cpu(), ids.cpu()))
-    # fp32 GEMM accumulation and exp may move a bf16 / fp8 rounding now and then
-    assert rel_error(out.cpu(), ref) <= 3e-3
+    # The block chains two GEMMs, each held to 3e-3 of the exact result of its own inputs
+    # (tests/test_grouped_gemm.py; Hopper's fp8 wgmma accumulates with reduced precision), and the
+    # first GEMM's error moves some fp8 roundings of the intermediate: the chain's normwise error
+    # is bounded by about sqrt(2) * 3e-3 plus those flips (measured 3.0e-3 at T = 8192, K = 256).
+    assert rel_error(out.cpu(), ref) <= 5e-3
 
 
 @pytest.mark.cuda
