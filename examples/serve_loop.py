@@ -22,6 +22,7 @@ import torch
 import inductor_w4a8 as w4a8
 from inductor_w4a8 import value_checks
 from inductor_w4a8.cudagraph import CUDAGraphRunner
+from inductor_w4a8.testing import random_checkpoint_
 
 LAYERS = {
     "glm": dict(num_experts=160, top_k=8, hidden_size=5120, intermediate_size=1536, group_size=128,
@@ -30,18 +31,10 @@ LAYERS = {
 }
 
 
-def build_layer(config: dict, device, seed=0) -> w4a8.W4A8MoE:
+def build_layer(config: dict, device="cuda", seed=0) -> w4a8.W4A8MoE:
+    """A processed layer of the given shape with random int4 words and scales."""
     moe = w4a8.W4A8MoE(**config, device=device)
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in moe.named_parameters():
-            if p.dtype == torch.int32:
-                p.copy_(torch.randint(-2**31, 2**31 - 1, p.shape, dtype=torch.int64, device=device,
-                                      generator=g).to(torch.int32))
-            elif name.endswith("weight_scale"):
-                p.copy_((torch.rand(p.shape, device=device, generator=g) * 0.01 + 0.015).to(p.dtype))
-            else:
-                p.copy_(torch.randn(p.shape, device=device, generator=g) * 0.1)
+    random_checkpoint_(moe, seed)
     moe.process_weights_after_loading()
     return moe
 

@@ -155,3 +155,22 @@ def every_bf16_fp8_range_row() -> torch.Tensor:
     every = torch.arange(0, 65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     in_range = every[torch.isfinite(every) & (every.float().abs() <= formats.FP8_MAX)]
     return torch.cat([torch.tensor([formats.FP8_MAX], dtype=torch.bfloat16), in_range]).reshape(1, -1)
+
+
+def random_checkpoint_(moe, seed: int = 0):
+    """Fill a checkpoint-form W4A8MoE (before process_weights_after_loading) in place with random
+    int4 words and group scales (and correction bias), on the layer's own device. Fast at GLM
+    size: no bf16 weights are materialized. Scales ~ U(0.015, 0.025), about amax / 7.5 of
+    N(0, 0.05) weights, so outputs stay in a realistic range."""
+    device = next(moe.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in moe.named_parameters():
+            if p.dtype == torch.int32:
+                words = torch.randint(-2**31, 2**31 - 1, p.shape, dtype=torch.int64, device=device, generator=g)
+                p.copy_(words.to(torch.int32))
+            elif name.endswith("weight_scale"):
+                p.copy_((torch.rand(p.shape, device=device, generator=g) * 0.01 + 0.015).to(p.dtype))
+            else:  # e_score_correction_bias
+                p.copy_(torch.randn(p.shape, device=device, generator=g) * 0.1)
+    return moe

@@ -22,8 +22,6 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-import torch
-
 from . import _compat
 
 log = logging.getLogger(__name__)

@@ -7,6 +7,7 @@ from torch import nn
 
 import inductor_w4a8 as w4a8
 from inductor_w4a8.backend import w4a8_backend
+from inductor_w4a8.testing import random_checkpoint_
 
 # GLM-4.6 MoE layer per GPU: E=160, hidden 5120, moe-intermediate 1536, top-8, sigmoid routing
 # with the score-correction bias, grouped top-k, routed scaling 2.5.
@@ -15,27 +16,10 @@ GLM = dict(num_experts=160, top_k=8, hidden_size=5120, intermediate_size=1536, g
 SMALL = dict(num_experts=8, top_k=2, hidden_size=64, intermediate_size=64, group_size=32)
 
 
-def random_checkpoint_(moe: w4a8.W4A8MoE, generator: torch.Generator | None = None) -> w4a8.W4A8MoE:
-    """Fill a checkpoint-form layer with random int4 words and scales (any device; fast at GLM
-    size: no bf16 weights are materialized)."""
-    g = generator or torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in moe.named_parameters():
-            if p.dtype == torch.int32:
-                vals = torch.randint(-2**31, 2**31 - 1, p.shape, dtype=torch.int64, generator=g)
-                p.copy_(vals.to(torch.int32))
-            elif name.endswith("weight_scale"):
-                # compressed-tensors scale of N(0, 0.05) weights in groups: about amax / 7.5
-                p.copy_((torch.rand(p.shape, generator=g) * 0.01 + 0.015).to(p.dtype))
-            else:  # e_score_correction_bias
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return moe
-
-
 def make_moe(config=SMALL, device="cpu", seed=0, **overrides) -> w4a8.W4A8MoE:
     """A processed layer with random weights."""
     moe = w4a8.W4A8MoE(**{**config, **overrides}, device="cpu")
-    random_checkpoint_(moe, torch.Generator().manual_seed(seed))
+    random_checkpoint_(moe, seed)  # on CPU: the same layer on every device
     moe = moe.to(device)
     moe.process_weights_after_loading()
     return moe

@@ -20,6 +20,7 @@ import inductor_w4a8 as w4a8
 from inductor_w4a8 import backend, formats
 from inductor_w4a8.launch import gemm_tiles
 from inductor_w4a8.lowerings import Settings
+from inductor_w4a8.lowerings.decompositions import DEFAULT_FUSED
 from inductor_w4a8.lowerings import grouped_gemm as gemm_lowering
 from inductor_w4a8.testing import rel_error
 
@@ -193,11 +194,11 @@ w4a8.grouped_gemm
 w4a8.combine""")
 
     def test_generated_code_default(self):
-        """Default: quant, activation and combine are Inductor code (no extern call); on CPU the
-        GEMM is an extern call (the traced Triton kernel is for CUDA)."""
+        """Default: combine is Inductor code (no extern call); the fp8 quantizers stay our kernels
+        (see DEFAULT_FUSED); on CPU the GEMM is an extern call (the traced kernel is for CUDA)."""
         _, code = self._compile()
         self.assertExpectedInline(" ".join(extern_w4a8_calls(code)),
-                                  """gather_rows_fp8 grouped_gemm select_experts sort_by_expert""")
+                                  """gather_rows_fp8 grouped_gemm quantize_fp8_per_token select_experts silu_mul_quantize_fp8 sort_by_expert""")
         self.assertEqual(code.count("torch.ops.w4a8.grouped_gemm.default("), 2)
 
     def test_generated_code_fuse_none(self):
@@ -219,9 +220,9 @@ combine gather_rows_fp8 grouped_gemm quantize_fp8_per_token select_experts silu_
         _, plain = run_and_get_code(torch.compile(moe, backend="inductor", fullgraph=True), x, logits)
         torch._dynamo.reset()
         _, ours2 = run_and_get_code(torch.compile(moe, backend="w4a8", fullgraph=True), x, logits)
-        self.assertIn("quantize_fp8_per_token", extern_w4a8_calls("\n".join(plain)))
-        self.assertNotIn("quantize_fp8_per_token", extern_w4a8_calls("\n".join(ours)))
-        self.assertNotIn("quantize_fp8_per_token", extern_w4a8_calls("\n".join(ours2)))
+        self.assertIn("combine", extern_w4a8_calls("\n".join(plain)))
+        self.assertNotIn("combine", extern_w4a8_calls("\n".join(ours)))
+        self.assertNotIn("combine", extern_w4a8_calls("\n".join(ours2)))
 
 
 # ============================================================================================
@@ -350,7 +351,7 @@ def test_cuda_generated_code_holds_our_kernel():
     assert "def w4a8_grouped_gemm_kernel" in code       # ... with its source
     assert "torch.ops.w4a8.grouped_gemm.default(" not in code  # no extern fallback for it
     assert re.search(r"if (\d+\*)?s\d+ <= \d+", code)  # tile regimes as host-side branches
-    for op in ("quantize_fp8_per_token", "silu_mul_quantize_fp8", "combine"):
+    for op in DEFAULT_FUSED:
         assert f"torch.ops.w4a8.{op}.default(" not in code, op
     _, codes = run_and_get_code(torch.compile(moe, backend="w4a8", fullgraph=True,
                                               options={"w4a8.grouped_gemm": "extern"}), x, logits)
