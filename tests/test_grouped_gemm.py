@@ -5,11 +5,8 @@ file re-runs itself in a child process with the variable set; the interpreter ro
 by truncation, hence its looser bound). GPU (`-m cuda`): R in {1, 511, 512, 513, 8191, 8192},
 E in {1, 7, 60, 160}, N and K not multiples of the tiles, group sizes 32/64/128, empty experts,
 both scale modes, every tile of the table, GLM-4.6 shapes, garbage offsets, CUDA-graph capture.
-Split-K (tiles with split_k > 1: fp32 partials + the reduce kernel) on both, incl. slices of odd
-group counts, garbage offsets, capture and determinism.
 Outputs are poisoned (NaN) before each run, so an unwritten element fails.
 """
-import dataclasses
 import os
 import subprocess
 import sys
@@ -108,78 +105,15 @@ else:
             out = launch(*args, tile=tile, out=poisoned_out(args))
             assert rel_error(out, ref) <= TOL_INTERP, tile
 
-    @pytest.mark.parametrize("split", [1, 3])
-    def test_interp_garbage_offsets_memory_safe(split, seed):
+    def test_interp_garbage_offsets_memory_safe(seed):
         """Offsets outside [0, R] and non-monotone: clamped and made monotone in the kernel."""
-        a, a_scale, wg, ws, chan, _, G = make_case(20, 4, 64, 384, 128, mode="exact")
+        a, a_scale, wg, ws, chan, _, G = make_case(20, 4, 64, 128, 128, mode="exact")
         off = torch.tensor([5, 100, -3, 12, 7])
-        out = launch(a, a_scale, wg, ws, chan, off, G, out=poisoned_out([a, a_scale, wg]),
-                     tile=GemmTile(16, 64, 4, 2, 1, 1, split))
+        out = launch(a, a_scale, wg, ws, chan, off, G, out=poisoned_out([a, a_scale, wg]))
         # monotone clamped offsets [5, 20, 20, 20, 20]: rows 5..19 are expert 0's
         ref = reference.grouped_gemm(a, a_scale, formats.decode_gemm_layout(wg), ws, chan,
                                      torch.tensor([0, 20, 20, 20, 20]), G)
         assert rel_error(out[5:], ref[5:]) <= TOL_INTERP
-        assert torch.isnan(out[:5].float()).all()   # rows of no expert: not written (as unsplit)
-
-    SPLIT_CASES = [  # R, E, N, K, G, empty, tile (split_k > 1)
-        (70, 7, 200, 288, 32, 2, GemmTile(16, 64, 4, 2, 1, 2, 4)),    # 9 groups: slices 4, 4, 1
-        (9, 9, 130, 384, 64, 4, GemmTile(16, 64, 4, 2, 1, 1, 3)),     # more experts than rows
-        (33, 1, 72, 128, 64, 0, GemmTile(32, 64, 4, 2, 1, 1, 8)),     # split_k > groups
-        (8, 160, 64, 512, 128, 150, GemmTile(16, 64, 4, 3, 4, 2, 4)),  # M = 1 of top-8, E = 160
-        (0, 4, 64, 256, 128, 0, GemmTile(16, 64, 4, 2, 1, 1, 2)),     # R = 0
-        (40, 6, 64, 256, 128, 6, GemmTile(16, 64, 4, 2, 1, 1, 2)),    # one expert has every row
-    ]
-
-    @pytest.mark.parametrize("case", range(len(SPLIT_CASES)))
-    @pytest.mark.parametrize("mode", ["fp8", "exact"])
-    def test_interp_split_k(case, mode, seed):
-        R, E, N, K, G, empty, tile = SPLIT_CASES[case]
-        if empty >= E:
-            empty = E - 1
-        args = make_case(R, E, N, K, G, empty=empty, mode=mode)
-        out = launch(*args, tile=tile, out=poisoned_out(args))
-        assert out.shape == (R, N) and out.dtype == torch.bfloat16
-        if R:
-            ref = ref_of(args)
-            assert rel_error(out, ref) <= TOL_INTERP
-            # the unsplit tile gives the same values up to the fp32 summation order
-            plain = launch(*args, tile=dataclasses.replace(tile, split_k=1))
-            assert rel_error(out, plain.double()) <= 2 * TOL_INTERP
-
-    def test_interp_split_k_table_tiles(seed):
-        from inductor_w4a8.launch.gemm_tiles import SPLIT_K_TILES
-        args = make_case(12, 5, 64, 512, 128, mode="fp8")
-        ref = ref_of(args)
-        for _, _, tile in SPLIT_K_TILES:
-            out = launch(*args, tile=tile, out=poisoned_out(args))
-            assert rel_error(out, ref) <= TOL_INTERP, tile
-
-
-def test_split_k_slices():
-    from inductor_w4a8.launch.gemm_tiles import GemmTile
-    from inductor_w4a8.launch.grouped_gemm import split_k_slices
-    t = lambda gps, s: GemmTile(16, 64, 4, 3, 4, gps, s)  # noqa: E731
-    assert split_k_slices(t(2, 4), 5120, 128) == (4, 10)
-    assert split_k_slices(t(2, 4), 1536, 128) == (3, 4)
-    assert split_k_slices(t(1, 4), 1536, 128) == (4, 3)
-    assert split_k_slices(t(2, 4), 288, 32) == (3, 4)      # 9 groups: 4, 4, 1
-    assert split_k_slices(t(1, 8), 128, 64) == (2, 1)
-    assert split_k_slices(t(2, 1), 5120, 128) == (1, 40)
-    assert split_k_slices(t(2, 4), 128, 128) == (1, 1)
-    for kg in range(1, 50):
-        for gps in (1, 2):
-            for sk in range(1, 9):
-                S, per = split_k_slices(t(gps, sk), kg * 32, 32)
-                assert 1 <= S <= sk and (S - 1) * per < kg <= S * per
-                assert S == 1 or per % gps == 0
-
-
-def test_choose_tile_split_k_for_few_active_experts():
-    from inductor_w4a8.launch.gemm_tiles import SPLIT_K_TILES, choose_tile
-    max_active = max(a for a, _, _ in SPLIT_K_TILES)
-    assert choose_tile(8, 3072, 5120, 160, 128).split_k > 1          # GLM-4.6, M = 1
-    assert choose_tile(8192 * 8, 3072, 5120, 160, 128).split_k == 1
-    assert choose_tile(int(max_active) + 1, 3072, 5120, 160, 128).split_k == 1
 
 
 # ------------------------------------------------------------------------------------------
@@ -219,87 +153,6 @@ def test_cuda_every_tile_and_group_size(G, seed):
     for tile in tiles:
         out = launch(*args, tile=tile, out=poisoned_out(args))
         assert rel_error(out, ref) <= TOL_GPU, tile
-
-
-def _split_tiles_gpu():
-    from inductor_w4a8.launch.gemm_tiles import SPLIT_K_TILES, GemmTile
-    return [t for _, _, t in SPLIT_K_TILES] + [
-        GemmTile(16, 64, 4, 3, 4, 1, 4), GemmTile(32, 64, 4, 4, 3, 1, 3), GemmTile(64, 128, 8, 3, 1, 2, 4)]
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("R,E,N,K,G,empty", [(1, 1, 64, 128, 128, 0), (8, 160, 200, 640, 128, 152),
-                                             (40, 160, 72, 352, 32, 130), (513, 7, 136, 576, 64, 2),
-                                             (128, 60, 264, 1536, 128, 10)])
-def test_cuda_split_k(R, E, N, K, G, empty, seed):
-    """Split-K tiles (fp32 partials + reduce) vs the reference, both scale modes (the table's
-    split tiles; more split tiles in fp8 mode); deterministic (bitwise equal on a re-run)."""
-    from inductor_w4a8.launch.gemm_tiles import SPLIT_K_TILES
-    from inductor_w4a8.launch.grouped_gemm import grouped_gemm as launch
-    for mode in ("fp8", "exact"):
-        args = make_case(R, E, N, K, G, empty=min(empty, E - 1), mode=mode, device="cuda")
-        ref = ref_of(args)
-        tiles = _split_tiles_gpu() if mode == "fp8" else [t for _, _, t in SPLIT_K_TILES]
-        for tile in tiles:
-            out = launch(*args, tile=tile, out=poisoned_out(args))
-            assert rel_error(out, ref) <= TOL_GPU, (mode, tile)
-            assert torch.equal(launch(*args, tile=tile), out), tile
-
-
-@pytest.mark.cuda
-def test_cuda_split_k_glm46_m1(seed):
-    """GLM-4.6 w13 / w2 at M = 1 (8 rows, 8 experts of 160) through the op: the chosen tile is a
-    split-K one; fp64 reference on the experts hit."""
-    from inductor_w4a8 import bench
-    from inductor_w4a8.launch.gemm_tiles import choose_tile
-    for N, K in ((3072, 5120), (5120, 1536)):
-        assert choose_tile(8, N, K, 160, 128).split_k > 1
-        wt = bench.random_weights(160, N, K, 128, "cuda")
-        off = bench.route(1, 160, 8, "cuda")
-        a, a_scale = bench.random_activations(8, K, "cuda")
-        with value_checks(True):
-            out = ops.grouped_gemm(a, a_scale, wt.w, wt.s_fp8, wt.chan, off, 128)
-        seff = formats.effective_group_scales(wt.s_fp8, wt.chan)
-        offl = off.tolist()
-        ref = torch.full((8, N), float("nan"), dtype=torch.float64, device="cuda")
-        for e in range(160):
-            lo, hi = offl[e], offl[e + 1]
-            if hi > lo:
-                q = formats.decode_gemm_layout(wt.w[e:e + 1])[0].double()
-                wd = q * seff[e].double().repeat_interleave(128, dim=-1)
-                ref[lo:hi] = (a[lo:hi].double() @ wd.T) * a_scale[lo:hi].double()
-        assert rel_error(out, ref) <= TOL_GPU
-
-
-@pytest.mark.cuda
-def test_cuda_split_k_garbage_offsets_and_capture(seed):
-    """Split-K with offsets outside [0, R] (memory-safe), then captured in a CUDA graph and
-    replayed with new offsets / activations."""
-    from inductor_w4a8.launch.gemm_tiles import GemmTile
-    from inductor_w4a8.launch.grouped_gemm import grouped_gemm as launch
-    tile = GemmTile(16, 64, 4, 3, 4, 2, 4)
-    a, a_scale, wg, ws, chan, off, G = make_case(24, 30, 200, 1024, 128, empty=20, mode="fp8", device="cuda")
-    for bad in ([0, 10**12, -5, 24] + [7] * 27, [-(10**12)] + [3] * 29 + [10**12], [24] * 31):
-        launch(a, a_scale, wg, ws, chan, torch.tensor(bad, device="cuda"), G, tile=tile)
-    torch.cuda.synchronize()
-    static = [a.clone(), a_scale.clone(), off.clone()]
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        launch(static[0], static[1], wg, ws, chan, static[2], G, tile=tile)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = launch(static[0], static[1], wg, ws, chan, static[2], G, tile=tile)
-    new = make_case(24, 30, 200, 1024, 128, empty=5, mode="fp8", device="cuda")
-    static[0].copy_(new[0])
-    static[1].copy_(new[1])
-    static[2].copy_(new[5])
-    graph.replay()
-    torch.cuda.synchronize()
-    ref = reference.grouped_gemm(static[0], static[1], formats.decode_gemm_layout(wg), ws, chan,
-                                 static[2], G)
-    assert rel_error(out, ref) <= TOL_GPU
 
 
 @pytest.mark.cuda

@@ -18,14 +18,6 @@ Design (see docs/perf.md for the measurements behind it):
     device from expert_offsets (clamped into [0, R] and made monotone by a running max), so any
     offset values are memory-safe and no host sync is needed. Surplus programs simply find no
     tile. All row / expert address arithmetic is int64.
-  * Split-K (SPLIT = True, for the few-rows-per-expert cases where the tiles are fewer than the
-    programs or their K chain is long): work items are (expert, m-tile, n-tile, k-slice); a
-    slice is SLICE_GROUPS whole groups (the last may be shorter), so the per-group fp32 scaling
-    is unchanged. Each item writes its fp32 partial (no a_scale / chan) to part [S, R, N];
-    w4a8_grouped_gemm_reduce_kernel walks the same device-side tile list and sums the S partials
-    in a fixed order (deterministic, no atomics), applies chan and a_scale, writes bf16. Every
-    item stores its partial even when its slice is empty, so the reduce reads only written data
-    and writes exactly the rows the unsplit kernel writes.
 """
 import triton
 import triton.language as tl
@@ -106,9 +98,20 @@ def _group_dot(w_rows, a_rows, s_rows, g, nmask, rmask, kh, kk, BLOCK_N: tl.cons
 
 
 @triton.jit
-def _tile_list(off_ptr, R, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Per-expert row ranges (clamped into [0, R], monotone by a running max) and the m-tile list:
-    (start, count, m_tiles, cum_tiles [BLOCK_E], total m-tiles)."""
+def w4a8_grouped_gemm_kernel(
+    a_ptr, a_scale_ptr, w_ptr, s_ptr, chan_ptr, off_ptr, out_ptr,
+    R, N, K, E,
+    GROUP: tl.constexpr, HAS_CHAN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+    USE_ASM: tl.constexpr, GROUPS_PER_STEP: tl.constexpr,
+):
+    """a fp8 [R, K] (rows sorted by expert), a_scale fp32 [R], w uint8 [E, N, K // 2] (layout v3),
+    s fp8/bf16 [E, N, K // GROUP], chan fp32 [E, N] (if HAS_CHAN), off int64 [E + 1],
+    out bf16 [R, N]."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+
+    # ---- per-expert row ranges, clamped and monotone, and the m-tile list (device side) ----
     eidx = tl.arange(0, BLOCK_E)
     emask = eidx < E
     lo_off = tl.load(off_ptr + eidx, mask=emask, other=0).to(tl.int64)
@@ -121,46 +124,8 @@ def _tile_list(off_ptr, R, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
     m_tiles = (count + BLOCK_M - 1) // BLOCK_M
     cum_tiles = tl.cumsum(m_tiles, 0)
     total_m = tl.sum(m_tiles, 0).to(tl.int32)
-    return start, count, m_tiles, cum_tiles, total_m
-
-
-@triton.jit
-def _tile_rows(mt, start, count, m_tiles, cum_tiles, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Expert e (int64) of m-tile mt, its rows (int64 [BLOCK_M]) and their mask."""
-    eidx = tl.arange(0, BLOCK_E)
-    # expert of this m-tile: number of experts whose inclusive tile cumsum is <= mt
-    e = tl.sum((cum_tiles <= mt).to(tl.int32), 0)
-    sel = eidx == e
-    row0 = tl.sum(tl.where(sel, start, 0), 0)
-    cnt = tl.sum(tl.where(sel, count, 0), 0)
-    first = tl.sum(tl.where(sel, cum_tiles - m_tiles, 0), 0)
-    m_in = (mt - first) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = m_in < cnt
-    rows = row0 + m_in                                   # int64
-    return e.to(tl.int64), rows, rmask
-
-
-@triton.jit
-def w4a8_grouped_gemm_kernel(
-    a_ptr, a_scale_ptr, w_ptr, s_ptr, chan_ptr, off_ptr, out_ptr, part_ptr,
-    R, N, K, E, S, SLICE_GROUPS,
-    GROUP: tl.constexpr, HAS_CHAN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
-    USE_ASM: tl.constexpr, GROUPS_PER_STEP: tl.constexpr, SPLIT: tl.constexpr,
-):
-    """a fp8 [R, K] (rows sorted by expert), a_scale fp32 [R], w uint8 [E, N, K // 2] (layout v3),
-    s fp8/bf16 [E, N, K // GROUP], chan fp32 [E, N] (if HAS_CHAN), off int64 [E + 1],
-    out bf16 [R, N]. SPLIT: S k-slices of SLICE_GROUPS groups, fp32 partials to part [S, R, N]
-    (then out is unused); else S = 1, SLICE_GROUPS = K // GROUP and part is unused."""
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-
-    # ---- per-expert row ranges, clamped and monotone, and the m-tile list (device side) ----
-    start, count, m_tiles, cum_tiles, total_m = _tile_list(off_ptr, R, E, BLOCK_M, BLOCK_E)
     n_tiles = tl.cdiv(N, BLOCK_N)
     total = total_m * n_tiles
-    if SPLIT:
-        total = total * S
 
     KH = K // 2
     KG = K // GROUP
@@ -168,87 +133,47 @@ def w4a8_grouped_gemm_kernel(
     kh = tl.arange(0, GROUP // 2)
     kk = tl.arange(0, GROUP)
 
-    for item in range(pid, total, nprog):
-        if SPLIT:
-            ks = item % S
-            tile = item // S
-            g_lo = ks * SLICE_GROUPS
-            g_hi = tl.minimum(g_lo + SLICE_GROUPS, KG)
-        else:
-            tile = item
-            g_lo = 0
-            g_hi = KG
+    for tile in range(pid, total, nprog):
         mt = tile // n_tiles
         nt = tile % n_tiles
-        e64, rows, rmask = _tile_rows(mt, start, count, m_tiles, cum_tiles, BLOCK_M, BLOCK_E)
+        # expert of this m-tile: number of experts whose inclusive tile cumsum is <= mt
+        e = tl.sum((cum_tiles <= mt).to(tl.int32), 0)
+        sel = eidx == e
+        row0 = tl.sum(tl.where(sel, start, 0), 0)
+        cnt = tl.sum(tl.where(sel, count, 0), 0)
+        first = tl.sum(tl.where(sel, cum_tiles - m_tiles, 0), 0)
+        m_in = (mt - first) * BLOCK_M + rm
+        rmask = m_in < cnt
+        rows = row0 + m_in                                   # int64
         rn = nt * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = rn < N
         rn64 = rn.to(tl.int64)
+        e64 = e.to(tl.int64)
 
         w_rows = w_ptr + e64 * N * KH + rn64[:, None] * KH    # [BLOCK_N, 1]
         a_rows = a_ptr + rows[:, None] * K                    # [BLOCK_M, 1]
         s_rows = s_ptr + e64 * N * KG + rn64 * KG             # [BLOCK_N]
 
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for g in range(g_lo, g_hi, GROUPS_PER_STEP):
+        for g in range(0, KG, GROUPS_PER_STEP):
             # one group per dot: its fp32 result times its scale, accumulated in fp32. Two
             # groups per step put two independent wgmma chains in flight before the first wait.
             p0, s0 = _group_dot(w_rows, a_rows, s_rows, g, nmask, rmask, kh, kk, BLOCK_N, GROUP,
                                 USE_ASM)
             if GROUPS_PER_STEP == 2:
-                # the last step of an odd-length range has no 2nd group
-                nm1 = nmask & ((rn * 0 + g + 1) < g_hi)
-                rm1 = rmask & ((rm * 0 + g + 1) < g_hi)
+                nm1 = nmask & ((rn * 0 + g + 1) < KG)   # the last step of an odd KG has no 2nd group
+                rm1 = rmask & ((rm * 0 + g + 1) < KG)
                 p1, s1 = _group_dot(w_rows, a_rows, s_rows, g + 1, nm1, rm1,
                                     kh, kk, BLOCK_N, GROUP, USE_ASM)
                 acc += p0 * s0[:, None] + p1 * s1[:, None]
             else:
                 acc += p0 * s0[:, None]
 
-        if SPLIT:
-            # fp32 partial of this k-slice, unscaled; the reduce kernel applies chan / a_scale
-            prow = ks.to(tl.int64) * R + rows
-            tl.store(part_ptr + prow[:, None] * N + rn64[None, :], tl.trans(acc),
-                     mask=rmask[:, None] & nmask[None, :])
-        else:
-            if HAS_CHAN:
-                chan = tl.load(chan_ptr + e64 * N + rn64, mask=nmask, other=0.0)
-                acc = acc * chan[:, None]
-            a_sc = tl.load(a_scale_ptr + rows, mask=rmask, other=0.0)
-            acc = acc * a_sc[None, :]
-            out = tl.trans(acc).to(tl.bfloat16)                   # [BLOCK_M, BLOCK_N]
-            tl.store(out_ptr + rows[:, None] * N + rn64[None, :], out,
-                     mask=rmask[:, None] & nmask[None, :])
-
-
-@triton.jit
-def w4a8_grouped_gemm_reduce_kernel(
-    part_ptr, a_scale_ptr, chan_ptr, off_ptr, out_ptr,
-    R, N, E, S,
-    HAS_CHAN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
-):
-    """out bf16 [R, N] = a_scale[r] * chan[e, n] * sum_{s < S} part[s, r, n] (fp32, s in order),
-    over the same device-side tile list as the GEMM kernel (the same rows are written)."""
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    start, count, m_tiles, cum_tiles, total_m = _tile_list(off_ptr, R, E, BLOCK_M, BLOCK_E)
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    total = total_m * n_tiles
-    for tile in range(pid, total, nprog):
-        mt = tile // n_tiles
-        nt = tile % n_tiles
-        e64, rows, rmask = _tile_rows(mt, start, count, m_tiles, cum_tiles, BLOCK_M, BLOCK_E)
-        rn = nt * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = rn < N
-        rn64 = rn.to(tl.int64)
-        mask = rmask[:, None] & nmask[None, :]
-        offs = rows[:, None] * N + rn64[None, :]              # int64 [BLOCK_M, BLOCK_N]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for s in range(0, S):
-            acc += tl.load(part_ptr + (s * R).to(tl.int64) * N + offs, mask=mask, other=0.0)
         if HAS_CHAN:
             chan = tl.load(chan_ptr + e64 * N + rn64, mask=nmask, other=0.0)
-            acc = acc * chan[None, :]
+            acc = acc * chan[:, None]
         a_sc = tl.load(a_scale_ptr + rows, mask=rmask, other=0.0)
-        acc = acc * a_sc[:, None]
-        tl.store(out_ptr + offs, acc.to(tl.bfloat16), mask=mask)
+        acc = acc * a_sc[None, :]
+        out = tl.trans(acc).to(tl.bfloat16)                   # [BLOCK_M, BLOCK_N]
+        tl.store(out_ptr + rows[:, None] * N + rn64[None, :], out,
+                 mask=rmask[:, None] & nmask[None, :])

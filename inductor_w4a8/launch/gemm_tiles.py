@@ -7,10 +7,6 @@ is the same in eager mode, under torch.compile and inside a CUDA-graph capture.
 BLOCK_M is the token side of the tile (the wgmma N dimension, 16..256), BLOCK_N the weight-row
 side (the wgmma M dimension, a multiple of 64 per warpgroup). One K step is one quantization
 group. programs_per_sm sets the persistent grid: NUM_SMS * programs_per_sm programs.
-split_k > 1 cuts K into up to split_k slices of whole groups (a multiple of groups_per_step;
-launch.grouped_gemm.split_k_slices), one work item per (expert, m-tile, n-tile, slice), with fp32
-partials summed by a small reduce kernel: for few-row, few-expert problems (small M), where the
-unsplit tiles are fewer than the programs and each runs a long serial K chain.
 """
 from __future__ import annotations
 
@@ -29,7 +25,6 @@ class GemmTile:
     num_stages: int
     programs_per_sm: int
     groups_per_step: int = 1   # quantization groups per K step (1 or 2 independent dots)
-    split_k: int = 1           # K slices (1: no split; else fp32 partials + a reduce kernel)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -49,19 +44,6 @@ GEMM_TILES: tuple[tuple[float, GemmTile], ...] = (
 )
 
 
-# Split-K tiles, checked before GEMM_TILES: (upper bound of the active experts min(E, R), upper
-# bound of the expected rows per active expert, tile), first match wins. Measured on the H100
-# (docs/perf.md, v7).
-SPLIT_K_TILES: tuple[tuple[float, float, GemmTile], ...] = (
-    (32, 16, GemmTile(block_m=16, block_n=64, num_warps=4, num_stages=3, programs_per_sm=4,
-                      groups_per_step=2, split_k=4)),
-)
-
-# The reduce kernel of split-K (block_m rows x block_n columns per program, num_warps,
-# programs_per_sm of its persistent grid).
-REDUCE_TILE = dict(block_m=16, block_n=128, num_warps=4, programs_per_sm=8)
-
-
 def expected_rows_per_expert(R: int, E: int) -> float:
     """Rows an active expert gets on average when R routed rows spread over E experts.
 
@@ -72,18 +54,12 @@ def expected_rows_per_expert(R: int, E: int) -> float:
     return R / min(E, R)
 
 
-def choose_tile(R: int, N: int, K: int, E: int, group_size: int, *, table=GEMM_TILES,
-                split_table=SPLIT_K_TILES) -> GemmTile:
-    """The tile for a problem, from shapes only.
-    W4A8_GEMM_TILE="bm,bn,warps,stages,ppsm[,gps[,split_k]]" overrides."""
+def choose_tile(R: int, N: int, K: int, E: int, group_size: int, *, table=GEMM_TILES) -> GemmTile:
+    """The tile for a problem, from shapes only. W4A8_GEMM_TILE="bm,bn,warps,stages,ppsm[,gps]" overrides."""
     override = os.environ.get("W4A8_GEMM_TILE")
     if override:
         return GemmTile(*(int(v) for v in override.split(",")))
     rows = expected_rows_per_expert(R, E)
-    active = min(E, R)
-    for max_active, bound, tile in split_table:
-        if active <= max_active and rows <= bound:
-            return tile
     for bound, tile in table:
         if rows <= bound:
             return tile
@@ -95,19 +71,13 @@ def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def grid_size(tile: GemmTile, R: int, N: int, E: int, device: torch.device, *, slices: int = 1,
-              block_m: int | None = None, block_n: int | None = None,
-              programs_per_sm: int | None = None) -> int:
-    """Persistent grid: at most one program per possible work item. m-tiles are at most
-    cdiv(R, BM) + min(E, R) (only experts with rows have tiles, at most one partial each), times
-    the n-tiles, times the k-slices. block_m / block_n / programs_per_sm override the tile's
-    (the split-K reduce kernel)."""
-    bm = block_m or tile.block_m
-    n_tiles = -(-N // (block_n or tile.block_n))
-    upper = (-(-R // bm) + torch.sym_min(E, R)) * n_tiles * slices
+def grid_size(tile: GemmTile, R: int, N: int, E: int, device: torch.device) -> int:
+    """Persistent grid: at most one program per possible tile (cdiv(R, BM) + E m-tiles upper bound)."""
+    n_tiles = -(-N // tile.block_n)
+    upper = (-(-R // tile.block_m) + E) * n_tiles
     if device.type == "cuda":
         idx = device.index if device.index is not None else torch.cuda.current_device()
-        programs = num_sms(idx) * (programs_per_sm or tile.programs_per_sm)
+        programs = num_sms(idx) * tile.programs_per_sm
     else:  # TRITON_INTERPRET=1 on CPU: a few programs exercise the persistent loop
         programs = 3
     # sym_min / sym_max: R may be symbolic under torch.compile (no guard on it); plain ints here.

@@ -10,8 +10,8 @@ import os
 import torch
 import triton
 
-from ..kernels.grouped_gemm import w4a8_grouped_gemm_kernel, w4a8_grouped_gemm_reduce_kernel
-from .gemm_tiles import REDUCE_TILE, GemmTile, choose_tile, grid_size
+from ..kernels.grouped_gemm import w4a8_grouped_gemm_kernel
+from .gemm_tiles import GemmTile, choose_tile, grid_size
 
 
 LAST_COMPILED = None  # the last compiled kernel (for SASS / register inspection in tuning)
@@ -19,17 +19,6 @@ LAST_COMPILED = None  # the last compiled kernel (for SASS / register inspection
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def split_k_slices(tile: GemmTile, K: int, group_size: int) -> tuple[int, int]:
-    """(slices S, groups per slice) for the tile's split_k: slices of whole groups, a multiple of
-    groups_per_step each, none empty (S may come out below split_k); S = 1: no split."""
-    kg = K // group_size
-    if tile.split_k <= 1 or kg <= 1:
-        return 1, kg
-    gps = tile.groups_per_step
-    per = -(-(-(-kg // tile.split_k)) // gps) * gps
-    return -(-kg // per), per
 
 
 def grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
@@ -53,35 +42,18 @@ def grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scal
         tile = choose_tile(R, N, K, E, group_size)
     if use_asm is None:
         use_asm = a.device.type == "cuda" and not _interpreting()
-    slices, slice_groups = split_k_slices(tile, K, group_size)
-    split = slices > 1
-    grid = (grid_size(tile, R, N, E, a.device, slices=slices),)
+    grid = (grid_size(tile, R, N, E, a.device),)
     has_chan = w_chan_scale is not None
     chan = w_chan_scale if has_chan else w_scale  # placeholder pointer when unused
-    block_e = max(16, triton.next_power_of_2(E))
-    # split-K: fp32 partials [S, R, N] (every element the reduce reads is written first); else a
-    # placeholder pointer that the kernel never touches (not `out`: no aliased kernel arguments)
-    part = torch.empty((slices, R, N), dtype=torch.float32, device=a.device) if split else a_scale
     global LAST_COMPILED
     kernel = w4a8_grouped_gemm_kernel if wrap is None else wrap(w4a8_grouped_gemm_kernel)
     LAST_COMPILED = kernel[grid](
-        a, a_scale, w.view(torch.uint8), w_scale, chan, expert_offsets, out, part,
-        R, N, K, E, slices, slice_groups,
+        a, a_scale, w.view(torch.uint8), w_scale, chan, expert_offsets, out,
+        R, N, K, E,
         GROUP=group_size, HAS_CHAN=has_chan,
-        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_E=block_e,
-        USE_ASM=use_asm, GROUPS_PER_STEP=tile.groups_per_step, SPLIT=split,
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+        BLOCK_E=max(16, triton.next_power_of_2(E)),
+        USE_ASM=use_asm, GROUPS_PER_STEP=tile.groups_per_step,
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
-    if split:
-        rt = REDUCE_TILE
-        rgrid = (grid_size(tile, R, N, E, a.device, block_m=rt["block_m"], block_n=rt["block_n"],
-                           programs_per_sm=rt["programs_per_sm"]),)
-        reduce = (w4a8_grouped_gemm_reduce_kernel if wrap is None
-                  else wrap(w4a8_grouped_gemm_reduce_kernel))
-        reduce[rgrid](
-            part, a_scale, chan, expert_offsets, out,
-            R, N, E, slices,
-            HAS_CHAN=has_chan, BLOCK_M=rt["block_m"], BLOCK_N=rt["block_n"], BLOCK_E=block_e,
-            num_warps=rt["num_warps"], num_stages=2,
-        )
     return out
