@@ -174,3 +174,28 @@ def random_checkpoint_(moe, seed: int = 0):
             else:  # e_score_correction_bias
                 p.copy_(torch.randn(p.shape, device=device, generator=g) * 0.1)
     return moe
+
+
+# --------------------------------------------------------------------------------------------
+# Running Triton kernels under the interpreter (CPU CI)
+# --------------------------------------------------------------------------------------------
+TRITON_INTERPRETED = __import__("os").environ.get("TRITON_INTERPRET") == "1"
+
+
+def run_interpreted(test_file: str, select: str | None = None, timeout: int = 1800) -> str:
+    """Re-run `test_file` (optionally only tests matching `select`) in a child pytest with
+    TRITON_INTERPRET=1 — the variable must be set before triton is imported, so it cannot be
+    switched on inside this process. Asserts the child passed with nothing skipped; returns its
+    output."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file]
+    if select:
+        cmd += ["-k", select]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"interpreted run failed:\n{proc.stdout[-20000:]}\n{proc.stderr[-5000:]}"
+    assert " passed" in proc.stdout and " skipped" not in proc.stdout, proc.stdout[-5000:]
+    return proc.stdout

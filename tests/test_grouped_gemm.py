@@ -8,8 +8,6 @@ both scale modes, every tile of the table, GLM-4.6 shapes, garbage offsets, CUDA
 Outputs are poisoned (NaN) before each run, so an unwritten element fails.
 """
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,6 +15,7 @@ import torch
 from inductor_w4a8 import formats, ops, reference
 from inductor_w4a8.checks import value_checks
 from inductor_w4a8.testing import opcheck, random_expert_offsets, rel_error
+from inductor_w4a8.testing import run_interpreted
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 FP8 = formats.FP8_DTYPE
@@ -68,11 +67,7 @@ def test_opcheck_cpu(mode, seed):
 if not INTERPRETED:
     def test_under_triton_interpreter():
         pytest.importorskip("triton")
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                               "-k", "interp"], env=env, capture_output=True, text=True, timeout=3000)
-        assert proc.returncode == 0, f"interpreted run failed:\n{proc.stdout[-20000:]}\n{proc.stderr[-5000:]}"
-        assert " passed" in proc.stdout, proc.stdout[-5000:]
+        run_interpreted(__file__, select="interp", timeout=3000)
 else:
     from inductor_w4a8.launch.gemm_tiles import GEMM_TILES, GemmTile
     from inductor_w4a8.launch.grouped_gemm import grouped_gemm as launch

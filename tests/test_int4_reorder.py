@@ -4,13 +4,12 @@ CPU: under TRITON_INTERPRET=1 (this file re-runs itself in a child process with 
 because Triton reads it when a kernel is decorated). GPU (`-m cuda`): real sizes, GLM-4.6 w13/w2.
 """
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from inductor_w4a8 import formats
+from inductor_w4a8.testing import run_interpreted
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -52,11 +51,7 @@ def test_layout_refuses_k_not_multiple_of_32():
 if not INTERPRETED:
     def test_under_triton_interpreter():
         pytest.importorskip("triton")
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                               "-k", "interp"], env=env, capture_output=True, text=True, timeout=1800)
-        assert proc.returncode == 0, f"interpreted run failed:\n{proc.stdout[-20000:]}\n{proc.stderr[-5000:]}"
-        assert " passed" in proc.stdout, proc.stdout[-5000:]
+        run_interpreted(__file__, select="interp")
 else:
     from inductor_w4a8.launch import int4_reorder
 

@@ -8,22 +8,17 @@ itself once in a child process with TRITON_INTERPRET=1 (its output is shown on f
 directly as `TRITON_INTERPRET=1 pytest tests/test_kernels_postprocess_interpret.py`.
 """
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from inductor_w4a8.testing import run_interpreted
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 if not INTERPRETED:
     def test_under_triton_interpreter():
         pytest.importorskip("triton")
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                              env=env, capture_output=True, text=True, timeout=1800)
-        assert proc.returncode == 0, f"interpreted run failed:\n{proc.stdout[-20000:]}\n{proc.stderr[-5000:]}"
-        assert " passed" in proc.stdout and " skipped" not in proc.stdout, proc.stdout[-5000:]
+        run_interpreted(__file__)
 
 else:
     import triton

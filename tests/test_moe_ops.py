@@ -9,14 +9,13 @@
   for sort / gather / combine, outputs poisoned before every run.
 """
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from inductor_w4a8 import W4A8InputError, formats, reference
 from inductor_w4a8.testing import assert_valid_routing, opcheck, poisoned_empty
+from inductor_w4a8.testing import run_interpreted
 
 ops = torch.ops.w4a8
 FP8 = formats.FP8_DTYPE
@@ -286,12 +285,7 @@ def assert_fp8_close(q, s, ref_q, ref_s, *, max_flip_fraction=1e-3):
 if not INTERPRETED:
     def test_triton_launchers_under_interpreter():
         pytest.importorskip("triton")
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
-                               "test_interp_", __file__], env=env, capture_output=True, text=True,
-                              timeout=1800)
-        assert proc.returncode == 0, f"interpreted run failed:\n{proc.stdout[-20000:]}\n{proc.stderr[-5000:]}"
-        assert " passed" in proc.stdout and " skipped" not in proc.stdout, proc.stdout[-5000:]
+        run_interpreted(__file__, select="test_interp_")
 
 else:  # TRITON_INTERPRET=1: the launchers on CPU tensors
     def _launch(name):
