@@ -32,6 +32,8 @@ from typing import Any, Sequence
 
 import torch
 
+from .checks import value_checks
+
 try:
     from . import lowerings
 except ImportError:  # a source checkout that was not pip-installed: lowerings/ is beside us
@@ -147,7 +149,7 @@ def w4a8_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, mod
     autograd_cache = {"enable_autograd_cache": False} if patches.get("fx_graph_cache") is False else {}
     try:
         with lowerings.compiling(settings), _compat.autograd_cache_config().patch(autograd_cache):
-            return _compat.compile_fx()(gm, example_inputs, config_patches=patches)
+            return _without_value_checks(_compat.compile_fx()(gm, example_inputs, config_patches=patches))
     except Exception as exc:  # noqa: BLE001
         if settings.grouped_gemm != "triton" or settings.gemm_launch is not None or \
                 not _calls_gemm(gm) or not _on_devices(example_inputs, settings.inline_devices):
@@ -160,7 +162,20 @@ def w4a8_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, mod
         settings = dataclasses.replace(settings, grouped_gemm="extern")
         patches = inductor_config_patches(mode, inductor_options, settings)
         with lowerings.compiling(settings), _compat.autograd_cache_config().patch(autograd_cache):
-            return _compat.compile_fx()(gm, example_inputs, config_patches=patches)
+            return _without_value_checks(_compat.compile_fx()(gm, example_inputs, config_patches=patches))
+
+
+def _without_value_checks(compiled_fn):
+    """Compiled code runs the ops with their value checks off: those checks synchronize the
+    device (DESIGN: value checks run in eager mode only); shape, dtype and device checks ran when
+    the graph was traced. Keeps the boxed calling convention of what compile_fx returned."""
+    def run(*args):
+        with value_checks(False):
+            return compiled_fn(*args)
+
+    if getattr(compiled_fn, "_boxed_call", False):
+        run._boxed_call = True
+    return run
 
 
 def _on_devices(example_inputs, devices) -> bool:

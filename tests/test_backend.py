@@ -135,6 +135,24 @@ def test_block_compiles_once_for_all_token_counts(fuse, order):
     assert unique_graphs() <= 2, f"{unique_graphs()} graphs for token counts {sizes}"
 
 
+def test_compiled_code_runs_without_value_checks(monkeypatch):
+    """Value checks synchronize the device, so they run in eager mode only: the compiled block
+    calls the same ops with them off (and eager afterwards has them on again)."""
+    from inductor_w4a8 import ops
+    decisions = []
+    original = ops.value_checks_enabled
+    monkeypatch.setattr(ops, "value_checks_enabled", lambda t: decisions.append(original(t)) or decisions[-1])
+    moe = make_moe()
+    x, logits = make_inputs(6, moe)
+    compiled = torch.compile(moe, backend="w4a8", fullgraph=True)
+    compiled(x, logits)  # first call traces (checks see fake tensors) and runs
+    decisions.clear()
+    compiled(x, logits)
+    assert decisions and not any(decisions), decisions
+    moe(x, logits)
+    assert any(decisions)
+
+
 def test_dynamic_true_compiles_once():
     moe = make_moe(scoring="sigmoid", n_group=2, topk_group=1, routed_scaling_factor=2.5)
     compiled = torch.compile(moe, backend="w4a8", fullgraph=True, dynamic=True)
