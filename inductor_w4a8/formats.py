@@ -78,6 +78,8 @@ def unpack_int4(packed: torch.Tensor, *, biased: bool) -> torch.Tensor:
 # (v - 8) & 0xF == v ^ 8 for every nibble v in [0, 15]: flipping bit 3 of each nibble moves
 # between uint4b8 and two's complement in both directions, one XOR per 32-bit word.
 NIBBLE_SIGN_FLIP = -0x77777778  # 0x88888888 as int32
+# The same word is also eight uint4b8 nibbles of value 8: eight zero weights.
+UINT4B8_ZERO_WORD = NIBBLE_SIGN_FLIP
 
 
 def uint4b8_to_signed_int4(packed: torch.Tensor) -> torch.Tensor:

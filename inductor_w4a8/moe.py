@@ -23,8 +23,6 @@ from . import formats
 from .checks import W4A8InputError
 
 SCORING_FUNCTIONS = ("softmax", "sigmoid")
-# the int32 word 0x88888888: eight uint4b8 nibbles 8, i.e. eight zero weights
-_ZERO_WORD = 0x88888888 - 2**32
 
 
 def _fail(message: str) -> None:
@@ -115,9 +113,9 @@ class W4A8MoE(nn.Module):
             return nn.Parameter(torch.full(shape, fill, dtype=dtype, device=device), requires_grad=False)
 
         # all-zero weights until a checkpoint is loaded (nibble 8 is q = 0 in uint4b8)
-        self.w13_weight_packed = param((E, 2 * I, H // 8), torch.int32, _ZERO_WORD)
+        self.w13_weight_packed = param((E, 2 * I, H // 8), torch.int32, formats.UINT4B8_ZERO_WORD)
         self.w13_weight_scale = param((E, 2 * I, H // G), params_dtype, 0)
-        self.w2_weight_packed = param((E, H, I // 8), torch.int32, _ZERO_WORD)
+        self.w2_weight_packed = param((E, H, I // 8), torch.int32, formats.UINT4B8_ZERO_WORD)
         self.w2_weight_scale = param((E, H, I // G), params_dtype, 0)
         if scoring == "sigmoid":
             self.e_score_correction_bias = param((E,), torch.float32, 0)

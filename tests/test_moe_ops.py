@@ -420,6 +420,12 @@ SM90_BUILDS = {
     "silu-loop": ("silu_mul_quant", "silu_mul_quant_kernel", *_sig(
         dict(MIN_SCALE=formats.FP8_MIN_SCALE, BLOCK_I=1024, ONE_TILE=False, HW=True),
         x_ptr="*bf16", q_ptr="*u8", scale_ptr="*fp32", I="i32")),
+    "fp8-per-token-quant": ("fp8_quant", "quantize_fp8_per_token_kernel", *_sig(
+        dict(MIN_SCALE=formats.FP8_MIN_SCALE, BLOCK_K=2048, HW=True),
+        x_ptr="*bf16", q_ptr="*u8", scale_ptr="*fp32", K="i32")),
+    "scale-convert": ("scale_convert", "bf16_scales_to_fp8_kernel", *_sig(
+        dict(MIN_SCALE=formats.FP8_MIN_SCALE, BLOCK_R=16, BLOCK_G=64, HW=True),
+        s_ptr="*bf16", q_ptr="*u8", chan_ptr="*fp32", n_rows="i32", G="i32")),
     "combine": ("moe_combine", "combine_kernel", *_sig(
         dict(TOP_K=8, BLOCK_T=2, BLOCK_H=1024, HW=True), y_ptr="*bf16", f2s_ptr="*i32", w_ptr="*fp32",
         out_ptr="*bf16", T="i32", H="i32", R="i32")),

@@ -12,6 +12,11 @@ Precondition for the encoder: |x| <= 448 or x is NaN (callers clamp first, as to
 import triton
 import triton.language as tl
 
+from .. import formats
+
+# formats.py holds the fp8 scale math; kernels read its constants as compile-time values
+FP8_MAX = tl.constexpr(formats.FP8_MAX)
+
 
 @triton.jit
 def fp32_to_e4m3_bits(x, HW: tl.constexpr):
@@ -60,5 +65,11 @@ def e4m3_bits_to_fp32(b, HW: tl.constexpr):
 @triton.jit
 def clamp_fp8_range(x):
     """clamp(x, -448, 448) keeping NaN as NaN (torch.clamp semantics; tl.minimum drops NaN)."""
-    c = tl.minimum(tl.maximum(x, -448.0), 448.0)
+    c = tl.minimum(tl.maximum(x, -FP8_MAX), FP8_MAX)
     return tl.where(x != x, x, c)
+
+
+@triton.jit
+def fp8_row_scale(amax, MIN_SCALE: tl.constexpr):
+    """formats.fp8_row_scale: max(amax / 448, MIN_SCALE), with IEEE division as torch does."""
+    return tl.maximum(tl.math.div_rn(amax, FP8_MAX), MIN_SCALE)

@@ -7,7 +7,7 @@ passes over K in BLOCK_K chunks (amax, then quantize); row offsets in int64.
 import triton
 import triton.language as tl
 
-from .fp8 import clamp_fp8_range, fp32_to_e4m3_bits
+from .fp8 import clamp_fp8_range, fp32_to_e4m3_bits, fp8_row_scale
 
 
 @triton.jit
@@ -22,7 +22,7 @@ def quantize_fp8_per_token_kernel(x_ptr, q_ptr, scale_ptr, K, MIN_SCALE: tl.cons
         v = tl.load(x_ptr + base + cols, mask=cols < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(v))
         n_nan += (v != v).to(tl.int32)
-    scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 448.0), MIN_SCALE)
+    scale = fp8_row_scale(tl.max(amax, axis=0), MIN_SCALE)
     scale = tl.where(tl.sum(n_nan, axis=0) > 0, float("nan"), scale)  # torch propagates NaN
     tl.store(scale_ptr + row, scale)
     for k0 in range(0, K, BLOCK_K):

@@ -9,7 +9,7 @@ recomputes v (the row is then in L2) and stores it. Only exp may differ from tor
 import triton
 import triton.language as tl
 
-from .fp8 import clamp_fp8_range, fp32_to_e4m3_bits
+from .fp8 import clamp_fp8_range, fp32_to_e4m3_bits, fp8_row_scale
 
 
 @triton.jit
@@ -17,11 +17,6 @@ def _silu_mul(x_ptr, row_base, I, cols, mask):
     g = tl.load(x_ptr + row_base + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(x_ptr + row_base + I + cols, mask=mask, other=0.0).to(tl.float32)
     return tl.math.div_rn(g, 1.0 + tl.exp(-g)) * u
-
-
-@triton.jit
-def _row_scale(amax, MIN_SCALE: tl.constexpr):
-    return tl.maximum(tl.math.div_rn(amax, 448.0), MIN_SCALE)
 
 
 @triton.jit
@@ -34,7 +29,7 @@ def silu_mul_quant_kernel(x_ptr, q_ptr, scale_ptr, I, MIN_SCALE: tl.constexpr,
         cols = tl.arange(0, BLOCK_I)
         mask = cols < I
         v = _silu_mul(x_ptr, x_base, I, cols, mask)
-        scale = _row_scale(tl.max(tl.abs(v), axis=0), MIN_SCALE)
+        scale = fp8_row_scale(tl.max(tl.abs(v), axis=0), MIN_SCALE)
         scale = tl.where(tl.sum((v != v).to(tl.int32), axis=0) > 0, float("nan"), scale)
         tl.store(scale_ptr + row, scale)
         q = fp32_to_e4m3_bits(clamp_fp8_range(tl.math.div_rn(v, scale)), HW)
@@ -47,7 +42,7 @@ def silu_mul_quant_kernel(x_ptr, q_ptr, scale_ptr, I, MIN_SCALE: tl.constexpr,
             v = _silu_mul(x_ptr, x_base, I, cols, cols < I)
             amax = tl.maximum(amax, tl.abs(v))
             n_nan += (v != v).to(tl.int32)
-        scale = _row_scale(tl.max(amax, axis=0), MIN_SCALE)
+        scale = fp8_row_scale(tl.max(amax, axis=0), MIN_SCALE)
         scale = tl.where(tl.sum(n_nan, axis=0) > 0, float("nan"), scale)  # torch propagates NaN
         tl.store(scale_ptr + row, scale)
         for i0 in range(0, I, BLOCK_I):
