@@ -62,6 +62,63 @@ def test_opcheck_cpu(mode, seed):
 
 
 # ------------------------------------------------------------------------------------------
+# CPU: bad inputs are refused with the argument named, before the kernel runs
+# ------------------------------------------------------------------------------------------
+def _with(args, **changes):
+    names = ("a", "a_scale", "w", "w_scale", "w_chan_scale", "expert_offsets", "group_size")
+    merged = dict(zip(names, args))
+    merged.update(changes)
+    return [merged[n] for n in names]
+
+
+def _bad_cases(args):
+    a, a_scale, wg, ws, chan, off, G = args
+    R, K = a.shape
+    E, N, _ = wg.shape
+    return {
+        "K mismatch": (_with(args, a=a[:, :K - 32].contiguous()), "share K"),
+        "a not fp8": (_with(args, a=a.float()), "a must have dtype"),
+        "a_scale fp16": (_with(args, a_scale=a_scale.half()), "a_scale must have dtype"),
+        "a_scale shape": (_with(args, a_scale=a_scale[:-1]), "a_scale must have shape"),
+        "w not int32": (_with(args, w=wg.view(torch.uint8)), "w must have dtype"),
+        "offsets int32": (_with(args, expert_offsets=off.int()), "expert_offsets must have dtype"),
+        "offsets length": (_with(args, expert_offsets=off[:-1]), "expert_offsets must have shape"),
+        "offsets end != R": (_with(args, expert_offsets=torch.cat([off[:-1], off[-1:] - 1])),
+                             "must equal the number of rows"),
+        "offsets start != 0": (_with(args, expert_offsets=torch.cat([off[:1] + 1, off[1:]])),
+                               r"expert_offsets\[0\] must be 0"),
+        "offsets not monotone": (_with(args, expert_offsets=torch.cat(
+            [off[:1], off[1:2] + R + 5, off[2:]])), "non-decreasing"),
+        "group size unsupported": (_with(args, group_size=48), "not supported"),
+        "group size not dividing K": (_with(args, group_size=128), "not a multiple of group_size"),
+        "fp8 scales without chan": (_with(args, w_chan_scale=None), "w_scale must have dtype"),
+        "chan shape": (_with(args, w_chan_scale=chan[:, :-1]), "w_chan_scale must have shape"),
+        "w_scale shape": (_with(args, w_scale=ws[:, :, :1].contiguous()), "w_scale must have shape"),
+        "mixed devices": (_with(args, expert_offsets=off.to("meta")), "move all inputs to one device"),
+    }
+
+
+BAD_CASE_NAMES = list(_bad_cases(make_case(40, 3, 16, 96, 32)).keys())
+
+
+@pytest.mark.parametrize("case", BAD_CASE_NAMES)
+def test_bad_inputs_refused(case, seed):
+    from inductor_w4a8 import W4A8InputError
+    args = make_case(40, 3, 16, 96, 32)  # K = 96: group 128 does not divide it
+    bad, match = _bad_cases(args)[case]
+    with pytest.raises(W4A8InputError, match=match):
+        ops.grouped_gemm(*bad)
+
+
+def test_shape_checks_run_on_meta_too():
+    from inductor_w4a8 import W4A8InputError
+    args = [t.to("meta") if isinstance(t, torch.Tensor) else t for t in make_case(8, 2, 16, 64, 32)]
+    args[0] = torch.empty(8, 32, dtype=FP8, device="meta")
+    with pytest.raises(W4A8InputError, match="share K"):
+        ops.grouped_gemm(*args)
+
+
+# ------------------------------------------------------------------------------------------
 # CPU: the Triton kernel under the interpreter
 # ------------------------------------------------------------------------------------------
 if not INTERPRETED:
