@@ -2,8 +2,10 @@
 several MoE layers, and a backend wrapper that records what torch.compile hands to "w4a8"."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 
 import inductor_w4a8 as w4a8
 from inductor_w4a8.backend import w4a8_backend
@@ -78,3 +80,13 @@ class RecordingBackend:
                         name.startswith("torch.ops.w4a8"):
                     names.append(name.replace("torch.ops.", ""))
         return names
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each compile test starts and ends with a clean Dynamo cache and counters (autouse where
+    imported)."""
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()

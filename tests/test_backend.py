@@ -25,16 +25,9 @@ from inductor_w4a8.lowerings import grouped_gemm as gemm_lowering
 from inductor_w4a8.testing import rel_error
 
 from compile_utils import GLM, SMALL, MoEModel, RecordingBackend, make_inputs, make_moe
+from compile_utils import fresh_dynamo  # noqa: F401  (autouse fixture)
 
 TOKEN_COUNTS = (1, 2, 3, 7, 64, 255, 256, 257, 1000, 4096, 8191, 8192)
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
 
 
 def mark_tokens(*tensors):

@@ -24,16 +24,9 @@ from inductor_w4a8.cudagraph import (MAX_CAPTURE_SIZES, MAX_PADDING_WASTE, CUDAG
 from inductor_w4a8.testing import rel_error
 
 from compile_utils import GLM, SMALL, make_inputs, make_moe
+from compile_utils import fresh_dynamo  # noqa: F401  (autouse fixture)
 
 MAXES = (1, 2, 3, 7, 8, 100, 255, 256, 257, 300, 1000, 4096, 8191, 8192, 20000, 65536)
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
 
 
 def boundaries(sizes):
