@@ -2,7 +2,7 @@
 # Source this on the GPU machine (from the repo root, with .whl/ carried; see ../shared/device-wheels.sh):
 # installs the carried wheels into /tmp/site and makes the package importable, editable if pip can.
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || return 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PATH="$PATH:/usr/local/cuda/bin"  # compute-sanitizer for the memcheck tests
 if ! python3 -m pip install -q --no-deps --no-build-isolation -e . > /tmp/pip_e.log 2>&1; then
   echo "pip install -e . failed (tail below); falling back to PYTHONPATH"; grep -iE "error|Error" /tmp/pip_e.log | head -8; cp /tmp/pip_e.log ${OUT:-/tmp}/pip_e.log 2>/dev/null
   export PYTHONPATH=/tmp/site:$PWD
