@@ -117,7 +117,7 @@ class Peers:
             self.have["bf16"] = True
         if "fp8" in want:
             amax = w.float().abs().amax(dim=2).clamp_min(1e-6)
-            self.scale_b = (amax / 448.0).float()                               # [E, N]
+            self.scale_b = formats.fp8_row_scale(amax)                           # [E, N]
             self.w_fp8 = (w.float() / self.scale_b[..., None]).to(formats.FP8_DTYPE)
             self.have["fp8"] = True
         if "fbgemm" in want and _fbgemm_available():

@@ -212,14 +212,14 @@ def quantize_w4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.T
     return pack_int4(q, biased=True), scale
 
 
-def expand_group_scales(scale: torch.Tensor, group_size: int) -> torch.Tensor:
-    """[..., K // G] -> fp32 [..., K], each scale repeated over its group."""
-    return scale.float().repeat_interleave(group_size, dim=-1)
+def expand_group_scales(scale: torch.Tensor, group_size: int, dtype=torch.float32) -> torch.Tensor:
+    """[..., K // G] -> [..., K] (fp32, or `dtype`), each scale repeated over its group."""
+    return scale.to(dtype).repeat_interleave(group_size, dim=-1)
 
 
-def dequantize_w4(q: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
-    """int q [..., K] and group scales [..., K // G] -> fp32 [..., K]."""
-    return q.float() * expand_group_scales(scale, group_size)
+def dequantize_w4(q: torch.Tensor, scale: torch.Tensor, group_size: int, dtype=torch.float32) -> torch.Tensor:
+    """int q [..., K] and group scales [..., K // G] -> [..., K] in fp32 (or `dtype`)."""
+    return q.to(dtype) * expand_group_scales(scale, group_size, dtype)
 
 
 def effective_group_scales(w_scale: torch.Tensor, w_chan_scale: torch.Tensor | None) -> torch.Tensor:

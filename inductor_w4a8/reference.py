@@ -22,12 +22,12 @@ def grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, q: torch.Tensor, w_scal
     R = a.shape[0]
     out = torch.zeros((R, N), dtype=torch.float64, device=a.device)
     offsets = [min(max(int(o), 0), R) for o in expert_offsets.tolist()]
-    s = formats.effective_group_scales(w_scale, w_chan_scale).double()
+    s = formats.effective_group_scales(w_scale, w_chan_scale)
     for e in range(E):
         start, end = offsets[e], max(offsets[e + 1], offsets[e])
         if end <= start:
             continue
-        w = q[e].double() * s[e].repeat_interleave(group_size, dim=-1)
+        w = formats.dequantize_w4(q[e], s[e], group_size, dtype=torch.float64)
         out[start:end] = (a[start:end].double() @ w.T) * a_scale[start:end].double()
     return out
 

@@ -189,7 +189,7 @@ def glm_ckpt():
     return checkpoint(GLM["E"], GLM["H"], GLM["I"], GLM["G"], seed=46)
 
 
-XOR = torch.tensor(-2004318072, dtype=torch.int32)  # 0x88888888: (v - 8) & 0xF == v ^ 8 per nibble
+XOR = torch.tensor(formats.NIBBLE_SIGN_FLIP, dtype=torch.int32)  # (v - 8) & 0xF == v ^ 8 per nibble
 
 
 @pytest.mark.slow

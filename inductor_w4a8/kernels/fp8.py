@@ -70,6 +70,14 @@ def clamp_fp8_range(x):
 
 
 @triton.jit
-def fp8_row_scale(amax, MIN_SCALE: tl.constexpr):
-    """formats.fp8_row_scale: max(amax / 448, MIN_SCALE), with IEEE division as torch does."""
-    return tl.maximum(tl.math.div_rn(amax, FP8_MAX), MIN_SCALE)
+def fp8_row_scale(amax, nan_count, MIN_SCALE: tl.constexpr):
+    """formats.fp8_row_scale: max(amax / 448, MIN_SCALE), with IEEE division as torch does;
+    NaN when the row held a NaN (nan_count > 0), as torch's amax and clamp propagate it."""
+    scale = tl.maximum(tl.math.div_rn(amax, FP8_MAX), MIN_SCALE)
+    return tl.where(nan_count > 0, float("nan"), scale)
+
+
+@triton.jit
+def quantize_e4m3_bits(v, scale, HW: tl.constexpr):
+    """formats.quantize_fp8_rows as bits: e4m3(clamp(v / scale, -448, 448)), IEEE division."""
+    return fp32_to_e4m3_bits(clamp_fp8_range(tl.math.div_rn(v, scale)), HW)

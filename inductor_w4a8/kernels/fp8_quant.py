@@ -7,7 +7,7 @@ passes over K in BLOCK_K chunks (amax, then quantize); row offsets in int64.
 import triton
 import triton.language as tl
 
-from .fp8 import clamp_fp8_range, fp32_to_e4m3_bits, fp8_row_scale
+from .fp8 import fp8_row_scale, quantize_e4m3_bits
 
 
 @triton.jit
@@ -22,12 +22,11 @@ def quantize_fp8_per_token_kernel(x_ptr, q_ptr, scale_ptr, K, MIN_SCALE: tl.cons
         v = tl.load(x_ptr + base + cols, mask=cols < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(v))
         n_nan += (v != v).to(tl.int32)
-    scale = fp8_row_scale(tl.max(amax, axis=0), MIN_SCALE)
-    scale = tl.where(tl.sum(n_nan, axis=0) > 0, float("nan"), scale)  # torch propagates NaN
+    scale = fp8_row_scale(tl.max(amax, axis=0), tl.sum(n_nan, axis=0), MIN_SCALE)
     tl.store(scale_ptr + row, scale)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         mask = cols < K
         v = tl.load(x_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
-        q = fp32_to_e4m3_bits(clamp_fp8_range(tl.math.div_rn(v, scale)), HW)
+        q = quantize_e4m3_bits(v, scale, HW)
         tl.store(q_ptr + base + cols, q, mask=mask)

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .. import formats
-from .fp8 import clamp_fp8_range, e4m3_bits_to_fp32, fp32_to_e4m3_bits, fp8_row_scale
+from .fp8 import e4m3_bits_to_fp32, fp32_to_e4m3_bits, fp8_row_scale, quantize_e4m3_bits
 
 HEADROOM = tl.constexpr(formats.FP8_SCALE_HEADROOM)
 INV_HEADROOM = tl.constexpr(1.0 / formats.FP8_SCALE_HEADROOM)  # a power of two: exact
@@ -29,14 +29,13 @@ def bf16_scales_to_fp8_kernel(s_ptr, q_ptr, chan_ptr, n_rows, G, MIN_SCALE: tl.c
         v = tl.load(s_ptr + base[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.max(tl.abs(v), axis=1))
         n_nan += tl.sum((v != v).to(tl.int32), axis=1)
-    chan = fp8_row_scale(amax, MIN_SCALE)
-    chan = tl.where(n_nan > 0, float("nan"), chan)  # torch's amax and clamp propagate NaN
+    chan = fp8_row_scale(amax, n_nan, MIN_SCALE)
     for g0 in range(0, G, BLOCK_G):
         cols = g0 + tl.arange(0, BLOCK_G)
         mask = row_ok[:, None] & (cols < G)[None, :]
         offs = base[:, None] + cols[None, :]
         v = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        q = fp32_to_e4m3_bits(clamp_fp8_range(tl.math.div_rn(v, chan[:, None])), HW)
+        q = quantize_e4m3_bits(v, chan[:, None], HW)
         # float(q) / 8 is exact in fp32 (a power-of-two scaling), then rounded to e4m3 again
         fp8 = fp32_to_e4m3_bits(e4m3_bits_to_fp32(q, HW) * INV_HEADROOM, HW)
         tl.store(q_ptr + offs, fp8, mask=mask)

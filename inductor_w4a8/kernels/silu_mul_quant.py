@@ -9,7 +9,7 @@ recomputes v (the row is then in L2) and stores it. Only exp may differ from tor
 import triton
 import triton.language as tl
 
-from .fp8 import clamp_fp8_range, fp32_to_e4m3_bits, fp8_row_scale
+from .fp8 import fp8_row_scale, quantize_e4m3_bits
 
 
 @triton.jit
@@ -29,10 +29,9 @@ def silu_mul_quant_kernel(x_ptr, q_ptr, scale_ptr, I, MIN_SCALE: tl.constexpr,
         cols = tl.arange(0, BLOCK_I)
         mask = cols < I
         v = _silu_mul(x_ptr, x_base, I, cols, mask)
-        scale = fp8_row_scale(tl.max(tl.abs(v), axis=0), MIN_SCALE)
-        scale = tl.where(tl.sum((v != v).to(tl.int32), axis=0) > 0, float("nan"), scale)
+        scale = fp8_row_scale(tl.max(tl.abs(v), axis=0), tl.sum((v != v).to(tl.int32), axis=0), MIN_SCALE)
         tl.store(scale_ptr + row, scale)
-        q = fp32_to_e4m3_bits(clamp_fp8_range(tl.math.div_rn(v, scale)), HW)
+        q = quantize_e4m3_bits(v, scale, HW)
         tl.store(q_ptr + q_base + cols, q, mask=mask)
     else:
         amax = tl.zeros([BLOCK_I], dtype=tl.float32)
@@ -42,12 +41,11 @@ def silu_mul_quant_kernel(x_ptr, q_ptr, scale_ptr, I, MIN_SCALE: tl.constexpr,
             v = _silu_mul(x_ptr, x_base, I, cols, cols < I)
             amax = tl.maximum(amax, tl.abs(v))
             n_nan += (v != v).to(tl.int32)
-        scale = fp8_row_scale(tl.max(amax, axis=0), MIN_SCALE)
-        scale = tl.where(tl.sum(n_nan, axis=0) > 0, float("nan"), scale)  # torch propagates NaN
+        scale = fp8_row_scale(tl.max(amax, axis=0), tl.sum(n_nan, axis=0), MIN_SCALE)
         tl.store(scale_ptr + row, scale)
         for i0 in range(0, I, BLOCK_I):
             cols = i0 + tl.arange(0, BLOCK_I)
             mask = cols < I
             v = _silu_mul(x_ptr, x_base, I, cols, mask)
-            q = fp32_to_e4m3_bits(clamp_fp8_range(tl.math.div_rn(v, scale)), HW)
+            q = quantize_e4m3_bits(v, scale, HW)
             tl.store(q_ptr + q_base + cols, q, mask=mask)
