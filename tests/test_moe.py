@@ -71,10 +71,13 @@ def test_block_matches_reference(routing, scale_mode, T, seed):
     # the CPU ops are the reference's math in the reference's storage precisions: one bf16 rounding
     # of an fp64 sum apart at most
     torch.testing.assert_close(out.double(), ref, rtol=2**-8, atol=1e-6)
-    # and the fp8 activations cost what fp8 costs against the unquantized block
+    # and the fp8 activations cost no more than fp8 can cost against the unquantized block: two
+    # e4m3 roundings (tokens, then silu*up), each at most 2^-4 relative per element. (Typical is
+    # ~4%; with T = 1 a single row's few dominant terms put some seeds at 6.5%, so a typical-value
+    # bound here would be a coin toss. The tight check is assert_close above.)
     exact = reference_forward(layer, ckpt, x, logits, quantize_activations=False,
                               bf16_intermediates=False)
-    assert rel_error(out, exact) < 0.06
+    assert rel_error(out, exact) < 2 * 2**-4
 
 
 @pytest.mark.parametrize("group_size", formats.SUPPORTED_GROUP_SIZES)
