@@ -12,7 +12,7 @@ Prints:
   * with --memcheck: one replay at 8192 and 8191 tokens of a captured compiled layer, to run
     under compute-sanitizer (a reduced hidden size unless --full).
 Times are medians over repeated runs with the L2 flushed before each (as docs/perf.md).
-Writes graph_report.json to $OUT (or .).
+Writes graph_report_<gemm>_<fuse>.json to $OUT (or .); --kernels lists each kernel.
 """
 from __future__ import annotations
 
@@ -69,21 +69,21 @@ def median_us(fn, reps=50, warmup=5) -> float:
     return statistics.median(times)
 
 
-def kernel_sum_us(fn) -> tuple[float, int]:
-    """Sum of the GPU kernel times of one call of fn (torch.profiler), and the kernel count."""
+def kernel_times_us(fn) -> list[tuple[str, float]]:
+    """(name, GPU time) of every kernel one call of fn launches, in launch order (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    total, count = 0.0, 0
+    kernels = []
     for ev in prof.events():
         if getattr(ev, "device_type", None) == torch.autograd.DeviceType.CUDA and \
                 not ev.name.startswith(("Memcpy", "Memset", "cudaGraph")):
-            total += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
-            count += 1
-    return total, count
+            us = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+            kernels.append((ev.name, us))
+    return kernels
 
 
 def fmt(us: float) -> str:
@@ -129,9 +129,14 @@ def report(args) -> dict:
                 paths["compiled+graph (replay)"] = graph.replay
             for name, fn in paths.items():
                 us = median_us(fn, reps=args.reps)
-                ksum, kcount = kernel_sum_us(fn)
-                rows.append({"tokens": T, "path": name, "us": us, "kernel_sum_us": ksum, "kernels": kcount})
-                print(f"{T:>6} {name:<22} {fmt(us)} {fmt(ksum):>16} {kcount:>8}")
+                kernels = kernel_times_us(fn)
+                ksum = sum(t for _, t in kernels)
+                rows.append({"tokens": T, "path": name, "us": us, "kernel_sum_us": ksum,
+                             "kernels": len(kernels), "kernel_list": kernels})
+                print(f"{T:>6} {name:<22} {fmt(us)} {fmt(ksum):>16} {len(kernels):>8}")
+                if args.kernels and name in ("eager", "compiled"):
+                    for kname, kus in kernels:
+                        print(f"{'':>8}{kus:9.1f} us  {kname[:110]}")
             out, ref = runner(x, logits), moe(x, logits)
             err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
             rows.append({"tokens": T, "path": "check", "rel_error_vs_eager": err})
@@ -163,6 +168,7 @@ def main(argv=None) -> int:
     p.add_argument("--gemm", choices=("triton", "extern"), default="triton")
     p.add_argument("--fuse", default="default")
     p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--kernels", action="store_true", help="list each kernel of eager and compiled")
     p.add_argument("--memcheck", action="store_true", help="replays at 8192 for compute-sanitizer")
     p.add_argument("--full", action="store_true", help="--memcheck at the full GLM-4.6 size")
     args = p.parse_args(argv)
@@ -173,7 +179,7 @@ def main(argv=None) -> int:
         memcheck(args)
         return 0
     result = report(args)
-    path = os.path.join(os.environ.get("OUT", "."), "graph_report.json")
+    path = os.path.join(os.environ.get("OUT", "."), f"graph_report_{args.gemm}_{args.fuse}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1, default=str)
     print(f"\nwrote {path}")

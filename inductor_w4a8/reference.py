@@ -110,7 +110,8 @@ def moe_forward(hidden_states: torch.Tensor, router_logits: torch.Tensor, w13_q:
                 renormalize: bool = True, n_group: int = 0, topk_group: int = 0,
                 routed_scaling_factor: float = 1.0, correction_bias: torch.Tensor | None = None,
                 routing: tuple[torch.Tensor, torch.Tensor] | None = None,
-                quantize_activations: bool = True, bf16_intermediates: bool = True) -> torch.Tensor:
+                quantize_activations: bool = True, bf16_intermediates: bool = True,
+                intermediate: torch.Tensor | None = None, return_intermediate: bool = False):
     """The whole W4A8 MoE block in fp64 (silu * mul in fp32): [T, H] -> fp64 [T, H].
 
     w13_q int8 [E, 2I, H] and w2_q int8 [E, H, I] in natural K order (`formats.unpack_int4`), with
@@ -123,6 +124,12 @@ def moe_forward(hidden_states: torch.Tensor, router_logits: torch.Tensor, w13_q:
     answer). bf16_intermediates=True rounds each GEMM output to bf16, where the ops store it, so
     the CPU ops reproduce this up to summation order. Each expert's tokens are found by looping
     over experts: plain, slow and independent of the sort the ops use.
+
+    The intermediate (the w2 GEMM's input, dequantized, [T * top_k, I]) is in expert-sorted order:
+    experts ascending, each expert's rows by token, as `sort_by_expert` orders them.
+    `intermediate=` replaces the one computed here (to check the second half of a block on the
+    first half's own rounding); return_intermediate=True returns (out, h, intermediate), h being
+    the w13 GEMM's output [T * top_k, 2I] in the same order.
     """
     T, H = hidden_states.shape
     E = w13_q.shape[0]
@@ -145,12 +152,26 @@ def moe_forward(hidden_states: torch.Tensor, router_logits: torch.Tensor, w13_q:
     w2 = w2_q.double() * formats.expand_group_scales(
         formats.effective_group_scales(w2_scale, w2_chan_scale), group_size).double()
     x = activations(hidden_states)
+    if intermediate is not None and intermediate.shape[0] != ids.numel():
+        raise ValueError(f"intermediate has {intermediate.shape[0]} rows; the routing sends "
+                         f"{ids.numel()} (tokens * top_k)")
     out = torch.zeros((T, H), dtype=torch.float64, device=hidden_states.device)
+    inter_rows, start = [], 0
     for e in range(E):
         tokens, slots = (ids.long() == e).nonzero(as_tuple=True)
         if tokens.numel() == 0:
             continue
         h = rounded(x[tokens] @ w13[e].T)
-        y = rounded(activations(silu_mul(h)) @ w2[e].T)
+        if intermediate is None:
+            a2 = activations(silu_mul(h))
+        else:
+            a2 = intermediate[start:start + tokens.numel()].double()
+        start += tokens.numel()
+        inter_rows.append((h, a2))
+        y = rounded(a2 @ w2[e].T)
         out.index_add_(0, tokens, weights[tokens, slots].double().unsqueeze(-1) * y.double())
+    if return_intermediate:
+        h_rows = [h for h, _ in inter_rows] or [out.new_zeros((0, w13.shape[1]))]
+        a2_rows = [a2 for _, a2 in inter_rows] or [out.new_zeros((0, w2.shape[2]))]
+        return out, torch.cat(h_rows).double(), torch.cat(a2_rows)
     return out

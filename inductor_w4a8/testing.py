@@ -44,6 +44,12 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+# The normwise error one grouped GEMM may have on the GPU against the exact (fp64) product of its
+# own fp8/int4 inputs, bf16 output rounding included (Hopper's fp8 wgmma accumulates with reduced
+# precision; tests/test_grouped_gemm.py holds every tile and group size to it).
+GEMM_TOL_GPU = 3e-3
+
+
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """Normwise ||out - ref|| / ||ref|| in fp64; NaN in `out` gives inf."""
     out, ref = out.double(), ref.double()
@@ -174,6 +180,31 @@ def random_checkpoint_(moe, seed: int = 0):
             else:  # e_score_correction_bias
                 p.copy_(torch.randn(p.shape, device=device, generator=g) * 0.1)
     return moe
+
+
+# --------------------------------------------------------------------------------------------
+# Looking inside a block: the outputs of the w4a8 ops one forward called
+# --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def recorded_op_outputs(*op_names: str):
+    """Inside the block, every call of a `w4a8::<name>` op in `op_names` appends its outputs to
+    the yielded dict's list under that name (through a TorchDispatchMode: the module's forward is
+    not touched). For checking a chained computation one link at a time."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    wanted = {f"w4a8::{name}" for name in op_names}
+    recorded: dict[str, list] = {name: [] for name in op_names}
+
+    class _Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.name()
+            if name in wanted:
+                recorded[name.split("::", 1)[1]].append(out)
+            return out
+
+    with _Recorder():
+        yield recorded
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,12 +14,12 @@ import torch
 
 from inductor_w4a8 import formats, ops, reference
 from inductor_w4a8.checks import value_checks
-from inductor_w4a8.testing import opcheck, random_expert_offsets, rel_error
+from inductor_w4a8.testing import GEMM_TOL_GPU, opcheck, random_expert_offsets, rel_error
 from inductor_w4a8.testing import run_interpreted
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 FP8 = formats.FP8_DTYPE
-TOL_GPU = 3e-3
+TOL_GPU = GEMM_TOL_GPU
 TOL_INTERP = 6e-3   # interpreter: fp32 -> bf16 by truncation (about 2x the RNE error)
 
 
