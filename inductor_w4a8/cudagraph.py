@@ -164,6 +164,13 @@ class _CudaGraphOps:
     def reserved_bytes(self) -> int:
         return torch.cuda.memory_reserved(self.device)
 
+    def pool_bytes(self, pool) -> int:
+        """Bytes the caching allocator holds in `pool` (its segments, by pool id). A difference of
+        memory_reserved() would also count what warm-up (compile, autotuning) freed or cached."""
+        segments = torch.cuda.memory._snapshot(self.device)["segments"]
+        return sum(seg["total_size"] for seg in segments
+                   if tuple(seg.get("segment_pool_id", ())) == tuple(pool))
+
     def new_pool(self):
         return torch.cuda.graph_pool_handle()
 
@@ -199,6 +206,9 @@ class _ReplayByRerun(_CudaGraphOps):
         return 0
 
     def reserved_bytes(self) -> int:
+        return 0
+
+    def pool_bytes(self, pool) -> int:
         return 0
 
     def new_pool(self):
@@ -362,11 +372,12 @@ class CUDAGraphRunner:
                 self._set_out_template(self._call(size))
             self._template = template
             self.report = {"num_graphs": 0, "sizes": list(self.sizes), "capture_s": 0.0,
-                           "warmup_s": time.perf_counter() - t0, "pool_bytes": 0, "device_bytes": 0}
+                           "warmup_s": time.perf_counter() - t0, "pool_bytes": 0, "static_bytes": 0,
+                           "device_bytes": 0}
             return self.report
 
         ops.synchronize()
-        free0, reserved0 = ops.free_bytes(), ops.reserved_bytes()
+        free0 = ops.free_bytes()
         self.pool = ops.new_pool()
         progress = _Progress(len(descending), self.progress)
 
@@ -413,8 +424,11 @@ class CUDAGraphRunner:
             "sizes": list(self.sizes),
             "capture_s": total_s - warmup_s,
             "warmup_s": warmup_s,
-            # bytes the caching allocator reserved for the graphs' pool (and static buffers)
-            "pool_bytes": ops.reserved_bytes() - reserved0,
+            # bytes the caching allocator holds in the graphs' shared pool
+            "pool_bytes": ops.pool_bytes(self.pool),
+            # the static input and output buffers (max rows), outside the pool
+            "static_bytes": sum(b.numel() * b.element_size() for b in
+                                list(self.static_output_buffers or []) + list(self.static_inputs or [])),
             # bytes the device lost, graphs' own driver memory included
             "device_bytes": free0 - ops.free_bytes(),
         }

@@ -178,6 +178,7 @@ def test_graph_bookkeeping_with_replay_stand_in():
     # largest first, each warmed up twice, then captured once
     assert [t for t, _, _ in fn.seen[:4]] == [64, 64, 64, 56]
     assert [b.shape for b in runner.static_output_buffers] == [(64, 8), (64, 1)]
+    assert report["static_bytes"] == 4 * 64 * (8 + 3) + 4 * 64 * (8 + 1)  # fp32 inputs, outputs
     for T in (1, 3, 5, 33, 64, 65, 130):
         x, logits = torch.randn(T, 8), torch.randn(T, 3)
         n0 = len(fn.seen)
@@ -228,6 +229,12 @@ def test_cuda_replay_matches_eager_at_every_size_and_boundary(compiled):
     runner = CUDAGraphRunner(fn, max_num_batched_tokens=8192, progress=False)
     report = runner.capture(*make_inputs(1, moe))
     assert report["num_graphs"] == len(runner.sizes) == len(capture_sizes(8192))
+    # the pool holds at least the largest intermediate of one 8192-token forward (the w13 output),
+    # and far less than one copy per graph
+    w13_out = 8192 * moe.top_k * 2 * moe.intermediate_size * 2
+    assert w13_out <= report["pool_bytes"] < len(runner.sizes) * w13_out, report
+    H, E = moe.hidden_size, moe.num_experts
+    assert report["static_bytes"] == 8192 * (2 * H + 4 * E) + 8192 * 2 * H
     for T in boundaries(runner.sizes) + [8193, 16384 + 5]:
         x, logits = make_inputs(T, moe)
         out = runner(x, logits)

@@ -34,9 +34,12 @@ def test_demo_cpu(tmp_path):
     assert [b["tokens"] for b in batches] == [256, 256, 88, 1, 4, 16]    # 600 = 256 + 256 + 88
     assert result["capture_sizes"] == [8, 64, 256]
     # int4 RTN of random Gaussian weights costs ~20% per layer; the kernels' own error (fp8
-    # activations, against the dequantized weights) is a few percent
+    # activations, against the dequantized weights) is a few percent per layer: two e4m3
+    # roundings, each at most 2^-4 of an element (measured ~0.05)
     assert result["worst_cosine"] > 0.94
     assert result["worst_rel_error_dequantized"] < 0.15
+    assert all(len(b["layer_rel_errors_dequantized"]) == 2 for b in batches)
+    assert result["worst_layer_rel_error_dequantized"] < 2 * 2**-4
     assert all(b["vs_eager_rel"] < 0.15 for b in batches)
     print(f"demo took {elapsed:.1f} s")
 
@@ -69,4 +72,9 @@ def test_demo_gpu(tmp_path):
     assert result["device"].startswith("cuda") and result["capture"]["num_graphs"] == len(result["capture_sizes"])
     assert result["capture_sizes"][-1] == 8192
     assert [b["tokens"] for b in result["batches"]][:3] == [8192, 8192, 20000 - 2 * 8192]
-    assert result["worst_rel_error_dequantized"] < 0.15
+    # per layer as on CPU; end to end, 4 layers of sigmoid grouped top-8-of-64 routing compound
+    # near-tie routing flips (~0.3 here; the CPU reference kernels give the same), so not asserted
+    assert all(len(b["layer_rel_errors_dequantized"]) == 4 for b in result["batches"])
+    assert result["worst_layer_rel_error_dequantized"] < 2 * 2**-4
+    assert all(b["vs_eager_rel"] < 0.15 for b in result["batches"])
+    assert result["capture"]["pool_bytes"] > 0
