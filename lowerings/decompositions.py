@@ -50,12 +50,15 @@ DECOMPOSITIONS = {
     "select_experts": _select_experts,
     "gather_rows_fp8": _gather_rows_fp8,
 }
-# The fp8 quantizers are not fused by default: Inductor rewrites `amax / 448` as
-# `amax * (1 / 448)`, so the decomposed scale can differ from the kernel's (true division) by one
-# ulp; fp8 re-rounding downstream then amplifies it (measured on the H100, torch 2.11: compiled vs
-# eager 3.6% normwise on a small layer at T = 3, 0 elsewhere). Both are valid quantizations, but
-# compiled must equal eager. Opt in with options={"w4a8.fuse": "all"} or a list of names.
-DEFAULT_FUSED = ("combine",)
+# Nothing is fused by default, by measurement (H100, torch 2.11, GLM-4.6 layer, examples/
+# graph_report.py --fuse none|default|all): Inductor's fused combine (one pointwise kernel over the
+# k gathered rows) takes 371 us at 8192 tokens against our combine kernel's 260 us, and is no
+# faster at 1 or 64 tokens; fusing everything adds 9 kernels (amax reductions, routing pieces):
+# 93 us against 74 us of kernels at M = 1, 7209 against 6680 us at 8192. The fp8 quantizers have
+# a second reason: Inductor rewrites `amax / 448` as `amax * (1 / 448)`, one ulp off the kernels'
+# true division, which fp8 re-rounding amplifies (compiled vs eager 3.6% at T = 3 on a small
+# layer). Opt in with options={"w4a8.fuse": "all"} or a list of op names.
+DEFAULT_FUSED: tuple[str, ...] = ()
 
 
 def check_names(names) -> None:

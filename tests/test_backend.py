@@ -20,7 +20,7 @@ import inductor_w4a8 as w4a8
 from inductor_w4a8 import backend, formats
 from inductor_w4a8.launch import gemm_tiles
 from inductor_w4a8.lowerings import Settings
-from inductor_w4a8.lowerings.decompositions import DEFAULT_FUSED
+from inductor_w4a8.lowerings.decompositions import DECOMPOSITIONS, DEFAULT_FUSED
 from inductor_w4a8.lowerings import grouped_gemm as gemm_lowering
 from inductor_w4a8.testing import rel_error
 
@@ -109,7 +109,7 @@ def test_mode_conflict_refused():
 # ============================================================================================
 # fullgraph compile on CPU: compiled == eager, no graph break, <= 1 recompile
 # ============================================================================================
-@pytest.mark.parametrize("fuse", ["default", "none", "all"])
+@pytest.mark.parametrize("fuse", ["default", "combine", "all"])
 @pytest.mark.parametrize("order", ["ascending", "descending"])
 def test_block_compiles_once_for_all_token_counts(fuse, order):
     moe = make_moe()
@@ -205,11 +205,11 @@ w4a8.grouped_gemm
 w4a8.combine""")
 
     def test_generated_code_default(self):
-        """Default: combine is Inductor code (no extern call); the fp8 quantizers stay our kernels
-        (see DEFAULT_FUSED); on CPU the GEMM is an extern call (the traced kernel is for CUDA)."""
+        """Default: every op stays our kernel (nothing fused, by measurement: see DEFAULT_FUSED);
+        on CPU the GEMM is an extern call too (the traced kernel is for CUDA)."""
         _, code = self._compile()
-        self.assertExpectedInline(" ".join(extern_w4a8_calls(code)),
-                                  """gather_rows_fp8 grouped_gemm quantize_fp8_per_token select_experts silu_mul_quantize_fp8 sort_by_expert""")
+        self.assertExpectedInline(" ".join(extern_w4a8_calls(code)), """\
+combine gather_rows_fp8 grouped_gemm quantize_fp8_per_token select_experts silu_mul_quantize_fp8 sort_by_expert""")
         self.assertEqual(code.count("torch.ops.w4a8.grouped_gemm.default("), 2)
 
     def test_generated_code_fuse_none(self):
@@ -226,11 +226,14 @@ combine gather_rows_fp8 grouped_gemm quantize_fp8_per_token select_experts silu_
         a "w4a8" compile of the same module (no cache crosstalk either way)."""
         moe = make_moe()
         x, logits = mark_tokens(*make_inputs(6, moe))
-        _, ours = run_and_get_code(torch.compile(moe, backend="w4a8", fullgraph=True), x, logits)
+        fuse = {"w4a8.fuse": "combine"}
+        _, ours = run_and_get_code(torch.compile(moe, backend="w4a8", fullgraph=True, options=fuse),
+                                   x, logits)
         torch._dynamo.reset()
         _, plain = run_and_get_code(torch.compile(moe, backend="inductor", fullgraph=True), x, logits)
         torch._dynamo.reset()
-        _, ours2 = run_and_get_code(torch.compile(moe, backend="w4a8", fullgraph=True), x, logits)
+        _, ours2 = run_and_get_code(torch.compile(moe, backend="w4a8", fullgraph=True, options=fuse),
+                                    x, logits)
         self.assertIn("combine", extern_w4a8_calls("\n".join(plain)))
         self.assertNotIn("combine", extern_w4a8_calls("\n".join(ours)))
         self.assertNotIn("combine", extern_w4a8_calls("\n".join(ours2)))
@@ -349,7 +352,7 @@ def assert_compiled_matches_eager(compiled, moe, token_counts):
 
 @cuda
 @pytest.mark.parametrize("gemm", ["triton", "extern"])
-@pytest.mark.parametrize("fuse", ["default", "none"])
+@pytest.mark.parametrize("fuse", ["default", "combine"])
 def test_cuda_compiled_matches_eager(gemm, fuse):
     moe = make_moe(device="cuda")
     compiled = torch.compile(moe, backend="w4a8", fullgraph=True,
@@ -367,8 +370,8 @@ def test_cuda_generated_code_holds_our_kernel():
     assert "def w4a8_grouped_gemm_kernel" in code       # ... with its source
     assert "torch.ops.w4a8.grouped_gemm.default(" not in code  # no extern fallback for it
     assert re.search(r"if (\d+\*)?s\d+ <= \d+", code)  # tile regimes as host-side branches
-    for op in DEFAULT_FUSED:
-        assert f"torch.ops.w4a8.{op}.default(" not in code, op
+    for op in DECOMPOSITIONS:   # the others stay our kernels, called from the generated code
+        assert (f"torch.ops.w4a8.{op}.default(" in code) == (op not in DEFAULT_FUSED), op
     _, codes = run_and_get_code(torch.compile(moe, backend="w4a8", fullgraph=True,
                                               options={"w4a8.grouped_gemm": "extern"}), x, logits)
     assert "torch.ops.w4a8.grouped_gemm.default(" in "\n".join(codes)

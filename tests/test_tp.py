@@ -301,3 +301,45 @@ def test_nccl_tp2_glm46_equals_tp1():
               f"TP8 shards vs TP1 {rel_error(y8, y1):.4f}")
         assert rel_error(results[0][T], y1) < 0.05
         assert rel_error(y8, y1) < 0.05
+
+
+def _worker_cuda_tp8(rank, world, init_file, out_dir):
+    # 8 ranks on however many GPUs there are: NCCL refuses two ranks on one GPU, so the
+    # all-reduce goes through gloo (CUDA tensors); the GEMMs are our kernels on each rank's GPU
+    torch.cuda.set_device(rank % torch.cuda.device_count())
+    _init(rank, world, init_file, backend="gloo")
+    try:
+        from compile_utils import GLM, random_checkpoint_
+        layer = random_checkpoint_(W4A8MoE(**GLM, device="cpu"), torch.Generator().manual_seed(0))
+        tp = tensor_parallel_moe(layer, device="cuda")
+        shard = tp.local.tp_shard
+        res = {"local_size": tp.local.intermediate_size, "shard": (shard.start, shard.end)}
+        for T in (1, 513, 8192):
+            x, logits = inputs(GLM["num_experts"], GLM["hidden_size"], T=T, device="cuda")
+            with torch.no_grad():
+                res[T] = tp(x, logits).cpu()
+        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_cuda_glm46_tp8_one_process_per_rank():
+    """GLM-4.6 at TP8 (I per rank = 192, G = 128: the size the system we replace refuses), one
+    process per rank on the GPU(s): every rank runs I_local = 256 (192 + 64 zero channels), all
+    ranks hold the same sum, and it equals TP=1."""
+    from compile_utils import GLM, random_checkpoint_
+    results = _spawn(_worker_cuda_tp8, 8)
+    assert [r["local_size"] for r in results] == [256] * 8
+    assert [r["shard"] for r in results] == [(192 * r, 192 * (r + 1)) for r in range(8)]
+    layer = random_checkpoint_(W4A8MoE(**GLM, device="cpu"), torch.Generator().manual_seed(0))
+    tp1 = shard_w4a8_moe(layer, 0, 1, device="cuda", process=True)
+    for T in (1, 513, 8192):
+        x, logits = inputs(GLM["num_experts"], GLM["hidden_size"], T=T, device="cuda")
+        with torch.no_grad():
+            y1 = tp1(x, logits).cpu()
+        assert all(torch.equal(r[T], results[0][T]) for r in results)
+        print(f"GLM-4.6 TP8 ({torch.cuda.device_count()} GPU(s), gloo all-reduce) vs TP1 at T={T}: "
+              f"rel {rel_error(results[0][T], y1):.4f}")
+        assert rel_error(results[0][T], y1) < 0.05
