@@ -270,7 +270,7 @@ def _worker_nccl(rank, world, init_file, out_dir):
     _init(rank, world, init_file, backend="nccl")
     try:
         from compile_utils import GLM, random_checkpoint_
-        layer = random_checkpoint_(W4A8MoE(**GLM, device="cpu"), torch.Generator().manual_seed(0))
+        layer = random_checkpoint_(W4A8MoE(**GLM, device="cpu"), seed=0)
         tp = tensor_parallel_moe(layer, device="cuda")
         res = {}
         for T in (1, 513, 8192):
@@ -287,7 +287,7 @@ def _worker_nccl(rank, world, init_file, out_dir):
 def test_nccl_tp2_glm46_equals_tp1():
     from compile_utils import GLM, random_checkpoint_
     results = _spawn(_worker_nccl, 2)
-    layer = random_checkpoint_(W4A8MoE(**GLM, device="cpu"), torch.Generator().manual_seed(0))
+    layer = random_checkpoint_(W4A8MoE(**GLM, device="cpu"), seed=0)
     tp1 = shard_w4a8_moe(layer, 0, 1, device="cuda", process=True)
     tp8 = [shard_w4a8_moe(layer, r, 8, device="cuda", process=True) for r in range(8)]
     assert {s.intermediate_size for s in tp8} == {256}
@@ -310,7 +310,7 @@ def _worker_cuda_tp8(rank, world, init_file, out_dir):
     _init(rank, world, init_file, backend="gloo")
     try:
         from compile_utils import GLM, random_checkpoint_
-        layer = random_checkpoint_(W4A8MoE(**GLM, device="cpu"), torch.Generator().manual_seed(0))
+        layer = random_checkpoint_(W4A8MoE(**GLM, device="cpu"), seed=0)
         tp = tensor_parallel_moe(layer, device="cuda")
         shard = tp.local.tp_shard
         res = {"local_size": tp.local.intermediate_size, "shard": (shard.start, shard.end)}
@@ -333,7 +333,7 @@ def test_cuda_glm46_tp8_one_process_per_rank():
     results = _spawn(_worker_cuda_tp8, 8)
     assert [r["local_size"] for r in results] == [256] * 8
     assert [r["shard"] for r in results] == [(192 * r, 192 * (r + 1)) for r in range(8)]
-    layer = random_checkpoint_(W4A8MoE(**GLM, device="cpu"), torch.Generator().manual_seed(0))
+    layer = random_checkpoint_(W4A8MoE(**GLM, device="cpu"), seed=0)
     tp1 = shard_w4a8_moe(layer, 0, 1, device="cuda", process=True)
     for T in (1, 513, 8192):
         x, logits = inputs(GLM["num_experts"], GLM["hidden_size"], T=T, device="cuda")
