@@ -161,7 +161,7 @@ def time_variants(m_list, variants, fb=True, rep=100):
                 row["fbgemm"] = round(bench.do_bench_us(lambda: [f() for f in fns], rep=rep), 1)
             except Exception as exc:  # noqa: BLE001
                 log("fbgemm failed", repr(exc)[:300])
-        cands = [("auto", None)] + [(v, GemmTile.parse(v)) for v in variants]
+        cands = [("auto", None)] + [(v, GemmTile(*map(int, v.split(",")))) for v in variants]
         for name, tile in cands:
             if tile is not None and ((tile.block_m <= 32 and M >= 1024) or (tile.block_m >= 128 and M <= 64)):
                 continue

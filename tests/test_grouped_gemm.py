@@ -134,9 +134,6 @@ else:
         (150, 3, 64, 256, 128, 0, GemmTile(128, 128, 8, 2, 1)),
         (33, 1, 72, 128, 64, 0, GemmTile(32, 64, 4, 2, 1)),          # E = 1, N % 64 != 0
         (5, 9, 130, 192, 64, 4, GemmTile(64, 64, 4, 2, 1, 2)),        # more experts than rows
-        (70, 7, 200, 96, 32, 2, GemmTile(16, 64, 4, 2, 1, 2, True)), # prefetch: odd K // G, 2 a step
-        (33, 2, 72, 128, 64, 0, GemmTile(32, 64, 4, 2, 1, 1, True)), # prefetch: 1 group a step
-        (40, 3, 64, 64, 64, 1, GemmTile(16, 64, 4, 2, 1, 2, True)),  # prefetch: a single group
         (0, 4, 64, 128, 128, 0, None),                                # R = 0
         (40, 6, 64, 128, 128, 6, None),                               # all experts empty but...
     ]
@@ -205,8 +202,6 @@ def test_cuda_every_tile_and_group_size(G, seed):
     ref = ref_of(args)
     tiles = [t for _, t in GEMM_TILES] + [GemmTile(16, 64, 4, 4, 3, 2), GemmTile(128, 64, 4, 3, 2, 2),
                                           GemmTile(128, 128, 8, 3, 1), GemmTile(64, 128, 8, 3, 1, 2)]
-    tiles += [GemmTile(16, 64, 4, 3, 4, 2, True), GemmTile(64, 64, 4, 4, 2, 1, True),
-              GemmTile(128, 64, 4, 4, 2, 1, True), GemmTile(128, 64, 4, 3, 2, 2, True)]
     for tile in tiles:
         out = launch(*args, tile=tile, out=poisoned_out(args))
         assert rel_error(out, ref) <= TOL_GPU, tile

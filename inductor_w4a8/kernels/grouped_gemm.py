@@ -80,17 +80,12 @@ def _s4x8_to_fp8_asm(b):
 
 
 @triton.jit
-def _group_load(w_rows, a_rows, s_rows, g, nmask, rmask, kh, kk, GROUP: tl.constexpr):
-    """Group g's raw operands: weight bytes [BLOCK_N, G/2], fp8 activations [BLOCK_M, G], scales."""
+def _group_dot(w_rows, a_rows, s_rows, g, nmask, rmask, kh, kk, BLOCK_N: tl.constexpr,
+               GROUP: tl.constexpr, USE_ASM: tl.constexpr):
+    """fp32 [BLOCK_N, BLOCK_M] = q[:, group g] @ a[:, group g]^T, and the fp32 scales [BLOCK_N]."""
     wb = tl.load(w_rows + (g * (GROUP // 2) + kh)[None, :], mask=nmask[:, None], other=0)
     at = tl.load(a_rows + (g * GROUP + kk)[None, :], mask=rmask[:, None], other=0.0)
     sg = tl.load(s_rows + g, mask=nmask, other=0.0).to(tl.float32)
-    return wb, at, sg
-
-
-@triton.jit
-def _group_mma(wb, at, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, USE_ASM: tl.constexpr):
-    """fp32 [BLOCK_N, BLOCK_M] = int4(wb) @ at^T for one group."""
     if USE_ASM:
         # element c = 16 j + 4 w + i of the two outputs is nibble i (first) or 4 + i (second) of
         # word w of chunk j: K = 32 j + 4 w + i and K = 32 j + 16 + 4 w + i.
@@ -99,15 +94,7 @@ def _group_mma(wb, at, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, USE_ASM: tl.c
         wq = tl.permute(wq, (0, 1, 4, 2, 3)).reshape(BLOCK_N, GROUP)
     else:
         wq = _s4_tile_to_fp8_ops(wb, BLOCK_N, GROUP)
-    return tl.dot(wq, tl.trans(at))
-
-
-@triton.jit
-def _group_dot(w_rows, a_rows, s_rows, g, nmask, rmask, kh, kk, BLOCK_N: tl.constexpr,
-               GROUP: tl.constexpr, USE_ASM: tl.constexpr):
-    """fp32 [BLOCK_N, BLOCK_M] = q[:, group g] @ a[:, group g]^T, and the fp32 scales [BLOCK_N]."""
-    wb, at, sg = _group_load(w_rows, a_rows, s_rows, g, nmask, rmask, kh, kk, GROUP)
-    return _group_mma(wb, at, BLOCK_N, GROUP, USE_ASM), sg
+    return tl.dot(wq, tl.trans(at)), sg
 
 
 @triton.jit
@@ -116,7 +103,7 @@ def w4a8_grouped_gemm_kernel(
     R, N, K, E,
     GROUP: tl.constexpr, HAS_CHAN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
-    USE_ASM: tl.constexpr, GROUPS_PER_STEP: tl.constexpr, PREFETCH: tl.constexpr = False,
+    USE_ASM: tl.constexpr, GROUPS_PER_STEP: tl.constexpr,
 ):
     """a fp8 [R, K] (rows sorted by expert), a_scale fp32 [R], w uint8 [E, N, K // 2] (layout v3),
     s fp8/bf16 [E, N, K // GROUP], chan fp32 [E, N] (if HAS_CHAN), off int64 [E + 1],
@@ -168,42 +155,19 @@ def w4a8_grouped_gemm_kernel(
         s_rows = s_ptr + e64 * N * KG + rn64 * KG             # [BLOCK_N]
 
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        if PREFETCH:
-            # The weight tile goes through inline asm, so Triton's pipeliner does not stage its
-            # loads: issue the next step's loads by hand before this step's wgmma, keeping two
-            # steps of weight bytes in flight per program (masked off past the last group).
-            wb0, at0, sg0 = _group_load(w_rows, a_rows, s_rows, 0, nmask, rmask, kh, kk, GROUP)
+        for g in range(0, KG, GROUPS_PER_STEP):
+            # one group per dot: its fp32 result times its scale, accumulated in fp32. Two
+            # groups per step put two independent wgmma chains in flight before the first wait.
+            p0, s0 = _group_dot(w_rows, a_rows, s_rows, g, nmask, rmask, kh, kk, BLOCK_N, GROUP,
+                                USE_ASM)
             if GROUPS_PER_STEP == 2:
-                wb1, at1, sg1 = _group_load(w_rows, a_rows, s_rows, 1, nmask & (rn * 0 + 1 < KG),
-                                            rmask & (rm * 0 + 1 < KG), kh, kk, GROUP)
-            for g in range(0, KG, GROUPS_PER_STEP):
-                gn = g + GROUPS_PER_STEP
-                nwb0, nat0, nsg0 = _group_load(w_rows, a_rows, s_rows, gn, nmask & (rn * 0 + gn < KG),
-                                               rmask & (rm * 0 + gn < KG), kh, kk, GROUP)
-                if GROUPS_PER_STEP == 2:
-                    nwb1, nat1, nsg1 = _group_load(w_rows, a_rows, s_rows, gn + 1,
-                                                   nmask & (rn * 0 + gn + 1 < KG),
-                                                   rmask & (rm * 0 + gn + 1 < KG), kh, kk, GROUP)
-                    acc += (_group_mma(wb0, at0, BLOCK_N, GROUP, USE_ASM) * sg0[:, None]
-                            + _group_mma(wb1, at1, BLOCK_N, GROUP, USE_ASM) * sg1[:, None])
-                    wb1, at1, sg1 = nwb1, nat1, nsg1
-                else:
-                    acc += _group_mma(wb0, at0, BLOCK_N, GROUP, USE_ASM) * sg0[:, None]
-                wb0, at0, sg0 = nwb0, nat0, nsg0
-        else:
-            for g in range(0, KG, GROUPS_PER_STEP):
-                # one group per dot: its fp32 result times its scale, accumulated in fp32. Two
-                # groups per step put two independent wgmma chains in flight before the first wait.
-                p0, s0 = _group_dot(w_rows, a_rows, s_rows, g, nmask, rmask, kh, kk, BLOCK_N, GROUP,
-                                    USE_ASM)
-                if GROUPS_PER_STEP == 2:
-                    nm1 = nmask & ((rn * 0 + g + 1) < KG)   # the last step of an odd KG has no 2nd group
-                    rm1 = rmask & ((rm * 0 + g + 1) < KG)
-                    p1, s1 = _group_dot(w_rows, a_rows, s_rows, g + 1, nm1, rm1,
-                                        kh, kk, BLOCK_N, GROUP, USE_ASM)
-                    acc += p0 * s0[:, None] + p1 * s1[:, None]
-                else:
-                    acc += p0 * s0[:, None]
+                nm1 = nmask & ((rn * 0 + g + 1) < KG)   # the last step of an odd KG has no 2nd group
+                rm1 = rmask & ((rm * 0 + g + 1) < KG)
+                p1, s1 = _group_dot(w_rows, a_rows, s_rows, g + 1, nm1, rm1,
+                                    kh, kk, BLOCK_N, GROUP, USE_ASM)
+                acc += p0 * s0[:, None] + p1 * s1[:, None]
+            else:
+                acc += p0 * s0[:, None]
 
         if HAS_CHAN:
             chan = tl.load(chan_ptr + e64 * N + rn64, mask=nmask, other=0.0)

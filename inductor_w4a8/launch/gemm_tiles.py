@@ -25,15 +25,6 @@ class GemmTile:
     num_stages: int
     programs_per_sm: int
     groups_per_step: int = 1   # quantization groups per K step (1 or 2 independent dots)
-    prefetch: bool = False     # load the next K step's operands before this step's wgmma
-
-    @classmethod
-    def parse(cls, text: str) -> "GemmTile":
-        """ "bm,bn,warps,stages,ppsm[,gps[,prefetch]]" (integers; prefetch 0 or 1)."""
-        values = [int(v) for v in text.split(",")]
-        if len(values) >= 7:
-            values[6] = bool(values[6])
-        return cls(*values)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -64,10 +55,10 @@ def expected_rows_per_expert(R: int, E: int) -> float:
 
 
 def choose_tile(R: int, N: int, K: int, E: int, group_size: int, *, table=GEMM_TILES) -> GemmTile:
-    """The tile for a problem, from shapes only. W4A8_GEMM_TILE="bm,bn,warps,stages,ppsm[,gps[,prefetch]]" overrides."""
+    """The tile for a problem, from shapes only. W4A8_GEMM_TILE="bm,bn,warps,stages,ppsm[,gps]" overrides."""
     override = os.environ.get("W4A8_GEMM_TILE")
     if override:
-        return GemmTile.parse(override)
+        return GemmTile(*(int(v) for v in override.split(",")))
     rows = expected_rows_per_expert(R, E)
     for bound, tile in table:
         if rows <= bound:

@@ -53,7 +53,7 @@ def grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scal
         GROUP=group_size, HAS_CHAN=has_chan,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
         BLOCK_E=max(16, triton.next_power_of_2(E)),
-        USE_ASM=use_asm, GROUPS_PER_STEP=tile.groups_per_step, PREFETCH=tile.prefetch,
+        USE_ASM=use_asm, GROUPS_PER_STEP=tile.groups_per_step,
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     return out
