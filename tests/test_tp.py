@@ -265,15 +265,22 @@ def test_gloo_glm46_tp8_sizes(tmp_path):
     assert all(torch.equal(r["y"], results[0]["y"]) for r in results)
 
 
-def _worker_nccl(rank, world, init_file, out_dir):
-    torch.cuda.set_device(rank)
-    _init(rank, world, init_file, backend="nccl")
+GLM46_TOKENS = (1, 513, 8192)
+
+
+def _worker_glm46_cuda(rank, world, init_file, out_dir, backend):
+    """The full GLM-4.6 layer sharded over `world` ranks on the GPU(s), one process per rank.
+    With more ranks than GPUs the all-reduce must be gloo's (of CUDA tensors): NCCL refuses two
+    ranks on one GPU. The GEMMs are our kernels on each rank's GPU either way."""
+    torch.cuda.set_device(rank % torch.cuda.device_count())
+    _init(rank, world, init_file, backend=backend)
     try:
         from compile_utils import GLM, random_checkpoint_
         layer = random_checkpoint_(W4A8MoE(**GLM, device="cpu"), seed=0)
         tp = tensor_parallel_moe(layer, device="cuda")
-        res = {}
-        for T in (1, 513, 8192):
+        shard = tp.local.tp_shard
+        res = {"local_size": tp.local.intermediate_size, "shard": (shard.start, shard.end)}
+        for T in GLM46_TOKENS:
             x, logits = inputs(GLM["num_experts"], GLM["hidden_size"], T=T, device="cuda")
             with torch.no_grad():
                 res[T] = tp(x, logits).cpu()
@@ -282,17 +289,27 @@ def _worker_nccl(rank, world, init_file, out_dir):
         dist.destroy_process_group()
 
 
+def _glm46_shards_on_cuda(world):
+    """The same GLM-4.6 layer's rank shards, post-processed, in this process."""
+    from compile_utils import GLM, random_checkpoint_
+    layer = random_checkpoint_(W4A8MoE(**GLM, device="cpu"), seed=0)
+    return [shard_w4a8_moe(layer, r, world, device="cuda", process=True) for r in range(world)]
+
+
+def _glm46_inputs(T):
+    from compile_utils import GLM
+    return inputs(GLM["num_experts"], GLM["hidden_size"], T=T, device="cuda")
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL)")
 def test_nccl_tp2_glm46_equals_tp1():
-    from compile_utils import GLM, random_checkpoint_
-    results = _spawn(_worker_nccl, 2)
-    layer = random_checkpoint_(W4A8MoE(**GLM, device="cpu"), seed=0)
-    tp1 = shard_w4a8_moe(layer, 0, 1, device="cuda", process=True)
-    tp8 = [shard_w4a8_moe(layer, r, 8, device="cuda", process=True) for r in range(8)]
+    results = _spawn(_worker_glm46_cuda, 2, "nccl")
+    assert [r["local_size"] for r in results] == [768, 768]
+    (tp1,), tp8 = _glm46_shards_on_cuda(1), _glm46_shards_on_cuda(8)
     assert {s.intermediate_size for s in tp8} == {256}
-    for T in (1, 513, 8192):
-        x, logits = inputs(GLM["num_experts"], GLM["hidden_size"], T=T, device="cuda")
+    for T in GLM46_TOKENS:
+        x, logits = _glm46_inputs(T)
         with torch.no_grad():
             y1 = tp1(x, logits).cpu()
             y8 = sum(s(x, logits).float() for s in tp8).cpu()
@@ -303,40 +320,18 @@ def test_nccl_tp2_glm46_equals_tp1():
         assert rel_error(y8, y1) < 0.05
 
 
-def _worker_cuda_tp8(rank, world, init_file, out_dir):
-    # 8 ranks on however many GPUs there are: NCCL refuses two ranks on one GPU, so the
-    # all-reduce goes through gloo (CUDA tensors); the GEMMs are our kernels on each rank's GPU
-    torch.cuda.set_device(rank % torch.cuda.device_count())
-    _init(rank, world, init_file, backend="gloo")
-    try:
-        from compile_utils import GLM, random_checkpoint_
-        layer = random_checkpoint_(W4A8MoE(**GLM, device="cpu"), seed=0)
-        tp = tensor_parallel_moe(layer, device="cuda")
-        shard = tp.local.tp_shard
-        res = {"local_size": tp.local.intermediate_size, "shard": (shard.start, shard.end)}
-        for T in (1, 513, 8192):
-            x, logits = inputs(GLM["num_experts"], GLM["hidden_size"], T=T, device="cuda")
-            with torch.no_grad():
-                res[T] = tp(x, logits).cpu()
-        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.cuda
 @pytest.mark.slow
 def test_cuda_glm46_tp8_one_process_per_rank():
     """GLM-4.6 at TP8 (I per rank = 192, G = 128: the size the system we replace refuses), one
     process per rank on the GPU(s): every rank runs I_local = 256 (192 + 64 zero channels), all
     ranks hold the same sum, and it equals TP=1."""
-    from compile_utils import GLM, random_checkpoint_
-    results = _spawn(_worker_cuda_tp8, 8)
+    results = _spawn(_worker_glm46_cuda, 8, "gloo")
     assert [r["local_size"] for r in results] == [256] * 8
     assert [r["shard"] for r in results] == [(192 * r, 192 * (r + 1)) for r in range(8)]
-    layer = random_checkpoint_(W4A8MoE(**GLM, device="cpu"), seed=0)
-    tp1 = shard_w4a8_moe(layer, 0, 1, device="cuda", process=True)
-    for T in (1, 513, 8192):
-        x, logits = inputs(GLM["num_experts"], GLM["hidden_size"], T=T, device="cuda")
+    (tp1,) = _glm46_shards_on_cuda(1)
+    for T in GLM46_TOKENS:
+        x, logits = _glm46_inputs(T)
         with torch.no_grad():
             y1 = tp1(x, logits).cpu()
         assert all(torch.equal(r[T], results[0][T]) for r in results)
