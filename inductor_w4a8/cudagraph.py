@@ -161,9 +161,6 @@ class _CudaGraphOps:
     def free_bytes(self) -> int:
         return torch.cuda.mem_get_info(self.device)[0]
 
-    def reserved_bytes(self) -> int:
-        return torch.cuda.memory_reserved(self.device)
-
     def pool_bytes(self, pool) -> int:
         """Bytes the caching allocator holds in `pool` (its segments, by pool id). A difference of
         memory_reserved() would also count what warm-up (compile, autotuning) freed or cached."""
@@ -203,9 +200,6 @@ class _ReplayByRerun(_CudaGraphOps):
         pass
 
     def free_bytes(self) -> int:
-        return 0
-
-    def reserved_bytes(self) -> int:
         return 0
 
     def pool_bytes(self, pool) -> int:
