@@ -8,7 +8,8 @@ stream of batches: decode steps of 1..256 tokens, chunked-prefill chunks of rand
 occur), and now and then one oversized batch that the runner itself splits. Each batch goes
 through CUDAGraphRunner(torch.compile(layer, backend="w4a8")) and is checked against eager;
 then the whole stream is timed through eager, compiled, and compiled + CUDA graphs, and the
-tokens/s of each are printed. On CPU (--device cpu) the same loop runs without graphs.
+tokens/s of each are printed, for the whole stream and for its decode steps (<= 256 tokens) and
+prefill chunks apart. On CPU (--device cpu) the same loop runs without graphs.
 """
 from __future__ import annotations
 
@@ -117,24 +118,37 @@ def main(argv=None) -> int:
                 return 1
         print(f"all {len(stream)} batches match eager (worst relative error {worst:.2e})")
 
-        results = {}
+        # the whole stream, and its decode steps (<= 256 tokens: launch-bound, where graphs pay)
+        # and prefill chunks (GPU-bound) apart
+        classes = {"all": batches, "decode": [b for b, T in zip(batches, stream) if T <= 256],
+                   "prefill": [b for b, T in zip(batches, stream) if T > 256]}
+        results: dict[str, dict[str, tuple[float, float]]] = {}
         for name, fn in (("eager", moe), ("compiled", compiled), ("compiled+graphs", runner)):
             for x, logits in batches[:3]:  # warm
                 fn(x, logits)
-            sync(device)
-            t0 = time.perf_counter()
-            for x, logits in batches:
-                fn(x, logits)
-            sync(device)
-            results[name] = total / (time.perf_counter() - t0)
+            results[name] = {}
+            for cls, subset in classes.items():
+                if not subset:
+                    continue
+                sync(device)
+                t0 = time.perf_counter()
+                for x, logits in subset:
+                    fn(x, logits)
+                sync(device)
+                seconds = time.perf_counter() - t0
+                tokens = sum(x.shape[0] for x, _ in subset)
+                results[name][cls] = (tokens / seconds, 1e3 * seconds / len(subset))
 
     from torch._dynamo.utils import counters
     print(f"graphs: {report['num_graphs']} captured in {report['capture_s']:.1f} s "
           f"(+{report['warmup_s']:.1f} s warm-up), {report['pool_bytes'] / 2**20:.0f} MiB pool; "
           f"dynamo: {counters['stats']['unique_graphs']} compiled graph(s), "
           f"{sum(counters['graph_break'].values())} graph breaks")
-    for name, tps in results.items():
-        print(f"{name:>16}: {tps:12,.0f} tokens/s  ({tps / results['eager']:.2f}x eager)")
+    print(f"{'':>16}  " + "".join(f"{cls + ' tokens/s (ms/step, x eager)':>42}" for cls in results["eager"]))
+    for name, per in results.items():
+        cells = [f"{tps:>14,.0f} ({ms:8.3f} ms, {tps / results['eager'][cls][0]:5.2f}x)"
+                 for cls, (tps, ms) in per.items()]
+        print(f"{name:>16}: " + "".join(f"{c:>42}" for c in cells))
     return 0
 
 
