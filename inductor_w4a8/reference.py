@@ -152,9 +152,9 @@ def moe_forward(hidden_states: torch.Tensor, router_logits: torch.Tensor, w13_q:
     w2 = w2_q.double() * formats.expand_group_scales(
         formats.effective_group_scales(w2_scale, w2_chan_scale), group_size).double()
     x = activations(hidden_states)
-    if intermediate is not None and intermediate.shape[0] != ids.numel():
-        raise ValueError(f"intermediate has {intermediate.shape[0]} rows; the routing sends "
-                         f"{ids.numel()} (tokens * top_k)")
+    if intermediate is not None and tuple(intermediate.shape) != (ids.numel(), w2_q.shape[2]):
+        raise ValueError(f"intermediate must be [tokens * top_k, I] = [{ids.numel()}, {w2_q.shape[2]}] "
+                         f"rows in expert-sorted order, got {list(intermediate.shape)}")
     out = torch.zeros((T, H), dtype=torch.float64, device=hidden_states.device)
     inter_rows, start = [], 0
     for e in range(E):

@@ -192,6 +192,9 @@ def recorded_op_outputs(*op_names: str):
     not touched). For checking a chained computation one link at a time."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    unknown = [name for name in op_names if not hasattr(torch.ops.w4a8, name)]
+    if unknown:
+        raise ValueError(f"recorded_op_outputs: no w4a8 op named {unknown}")
     wanted = {f"w4a8::{name}" for name in op_names}
     recorded: dict[str, list] = {name: [] for name in op_names}
 

@@ -144,6 +144,15 @@ def _experts_loop(experts, x, weights, ids):
     return out.to(x.dtype)
 
 
+def _softmax_topk(gate, x, top_k, renormalize):
+    """The 4.x sparse blocks' routing: fp32 softmax of the gate's logits, top-k, optional renorm."""
+    router_logits = gate(x)
+    w, ids = torch.topk(F.softmax(router_logits, dim=1, dtype=torch.float), top_k, dim=-1)
+    if renormalize:
+        w = w / w.sum(dim=-1, keepdim=True)
+    return router_logits, w, ids
+
+
 class MixtralBlock4x(nn.Module):
     """transformers 4.x MixtralSparseMoeBlock: nn.Linear gate, w1/w3/w2 experts, returns a pair."""
 
@@ -156,11 +165,8 @@ class MixtralBlock4x(nn.Module):
     def forward(self, hidden_states):
         b, s, h = hidden_states.shape
         x = hidden_states.view(-1, h)
-        router_logits = self.gate(x)
-        w = F.softmax(router_logits, dim=1, dtype=torch.float)
-        w, ids = torch.topk(w, self.top_k, dim=-1)
-        w = (w / w.sum(dim=-1, keepdim=True)).to(x.dtype)
-        return _experts_loop(self.experts, x, w, ids).reshape(b, s, h), router_logits
+        router_logits, w, ids = _softmax_topk(self.gate, x, self.top_k, renormalize=True)
+        return _experts_loop(self.experts, x, w.to(x.dtype), ids).reshape(b, s, h), router_logits
 
 
 class Qwen2Block4x(nn.Module):
@@ -177,9 +183,7 @@ class Qwen2Block4x(nn.Module):
     def forward(self, hidden_states):
         b, s, h = hidden_states.shape
         x = hidden_states.view(-1, h)
-        router_logits = self.gate(x)
-        w = F.softmax(router_logits, dim=1, dtype=torch.float)
-        w, ids = torch.topk(w, self.top_k, dim=-1)
+        router_logits, w, ids = _softmax_topk(self.gate, x, self.top_k, renormalize=self.norm_topk_prob)
         y = _experts_loop(self.experts, x, w.to(x.dtype), ids)
         y = y + F.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return y.reshape(b, s, h), router_logits

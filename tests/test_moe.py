@@ -318,8 +318,12 @@ def test_block_links_on_cpu(routing, seed):
     torch.testing.assert_close(h.double(), h_ref, rtol=2**-8, atol=1e-6)
     torch.testing.assert_close(hq.double() * h_scale.double(), inter_ref, rtol=2**-3, atol=1e-6)
     assert torch.equal(reference_forward(layer, ckpt, x, logits, intermediate=inter_ref), ref)
-    with pytest.raises(ValueError, match="rows"):
-        reference_forward(layer, ckpt, x, logits, intermediate=inter_ref[1:])
+    for bad in (inter_ref[1:], inter_ref[:, 1:]):
+        with pytest.raises(ValueError, match="intermediate must be"):
+            reference_forward(layer, ckpt, x, logits, intermediate=bad)
+    with pytest.raises(ValueError, match="no w4a8 op named"):
+        with testing.recorded_op_outputs("grouped_gem"):
+            pass
 
 
 # ==========================================================================================
