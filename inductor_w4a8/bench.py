@@ -266,10 +266,43 @@ def graph_bench_us(fn, reps=60, fallback_rep_ms=200) -> float:
 def run(m_list=M_LIST, scale_mode="fp8", peers=True, group_size=128, rep=200, out_dir=".",
         block=False, numerics_m=None, log=print):
     from . import bench_numerics
-    device = torch.device("cuda")
     torch.manual_seed(0)
     ceilings = measure_ceilings()
     log(ceilings.describe())
+    rows = time_gemms(m_list, scale_mode, peers, group_size, rep, ceilings, log)
+    torch.cuda.empty_cache()
+    block_rows = []
+    if block:
+        try:
+            block_rows = time_block(m_list, log)
+        except Exception as exc:  # noqa: BLE001 - the GEMM table must still come out
+            log(f"--block failed: {exc!r}"[:500])
+    numerics = []
+    if numerics_m:
+        try:
+            numerics = measure_numerics(numerics_m, group_size, torch.device("cuda"), fbgemm=peers, log=log)
+        except Exception as exc:  # noqa: BLE001 - the timing table must still come out
+            log(f"numerics failed: {exc!r}"[:500])
+    log(ceilings.describe())
+    log(markdown_table(rows))
+    if numerics:
+        log(bench_numerics.markdown_table(numerics))
+    os.makedirs(out_dir, exist_ok=True)
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": __import__("triton").__version__, "scale_mode": scale_mode,
+            "group_size": group_size, "ceilings": dataclasses.asdict(ceilings)}
+    with open(os.path.join(out_dir, "bench_grouped_gemm.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows, "block": block_rows, "numerics": numerics}, f, indent=1)
+    try:
+        plot(rows, os.path.join(out_dir, "bench_grouped_gemm.png"), meta)
+    except Exception as exc:  # noqa: BLE001
+        log(f"plot failed: {exc!r}")
+    return rows
+
+
+def time_gemms(m_list, scale_mode, peers, group_size, rep, ceilings: Ceilings, log=print) -> list[dict]:
+    """The timing table's rows: both GLM-4.6 GEMMs back to back at each M, ours and the peers."""
+    device = torch.device("cuda")
     E, k = E_GLM, TOPK_GLM
     gemms = GLM_GEMMS
     weights = {name: random_weights(E, N, K, group_size, device) for name, (N, K) in gemms.items()}
@@ -297,31 +330,6 @@ def run(m_list=M_LIST, scale_mode="fp8", peers=True, group_size=128, rep=200, ou
         row.update(time_impls(impls, len(gemms), f"M={M}", rep, log))
         rows.append(row)
         log(json.dumps({k2: (round(v, 2) if isinstance(v, float) else v) for k2, v in row.items()}))
-    del weights, peer
-    torch.cuda.empty_cache()
-    block_rows = []
-    if block:
-        try:
-            block_rows = time_block(m_list, log)
-        except Exception as exc:  # noqa: BLE001 - the GEMM table must still come out
-            log(f"--block failed: {exc!r}"[:500])
-    numerics = []
-    if numerics_m:
-        numerics = measure_numerics(numerics_m, group_size, device, fbgemm=peers, log=log)
-    log(ceilings.describe())
-    log(markdown_table(rows))
-    if numerics:
-        log(bench_numerics.markdown_table(numerics))
-    os.makedirs(out_dir, exist_ok=True)
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "triton": __import__("triton").__version__, "scale_mode": scale_mode,
-            "group_size": group_size, "ceilings": dataclasses.asdict(ceilings)}
-    with open(os.path.join(out_dir, "bench_grouped_gemm.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows, "block": block_rows, "numerics": numerics}, f, indent=1)
-    try:
-        plot(rows, os.path.join(out_dir, "bench_grouped_gemm.png"), meta)
-    except Exception as exc:  # noqa: BLE001
-        log(f"plot failed: {exc!r}")
     return rows
 
 
