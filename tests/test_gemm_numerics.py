@@ -108,6 +108,64 @@ else:
 
 
 # ------------------------------------------------------------------------------------------
+# CPU: the sm_90 code of both modes does the same arithmetic (compiled, not run)
+# ------------------------------------------------------------------------------------------
+def _sm90_ttgir(mode: str, tile) -> str:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from inductor_w4a8.kernels.grouped_gemm import w4a8_grouped_gemm_kernel
+    scale = "*fp8e4nv" if mode == "fp8" else "*bf16"
+    signature = {"a_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "w_ptr": "*u8", "s_ptr": scale,
+                 "chan_ptr": "*fp32" if mode == "fp8" else scale, "off_ptr": "*i64", "out_ptr": "*bf16",
+                 "R": "i32", "N": "i32", "K": "i32", "E": "i32"}
+    constexprs = {"GROUP": 128, "HAS_CHAN": mode == "fp8", "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n,
+                  "BLOCK_E": 256, "USE_ASM": True, "GROUPS_PER_STEP": tile.groups_per_step}
+    signature.update({name: "constexpr" for name in constexprs})
+    try:
+        compiled = triton.compile(ASTSource(fn=w4a8_grouped_gemm_kernel, signature=signature, constexprs=constexprs),
+                                  target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": tile.num_warps, "num_stages": tile.num_stages})
+    except RuntimeError as e:  # no ptxas in this triton install: nothing to check here
+        if "ptxas" in str(e).lower():
+            pytest.skip(f"triton cannot assemble for sm_90 here: {e}")
+        raise
+    return compiled.asm["ttgir"]
+
+
+def _ops(ttgir: str):
+    import collections
+    import re
+    lines = [re.sub(r"loc\(.*", "", line) for line in ttgir.splitlines() if not line.startswith("#loc")]
+    ops = collections.Counter(m.group(1) for line in lines for m in [re.search(r"= ([a-z_]+\.[a-z_]+)", line)] if m)
+    dots = [re.sub(r"%[\w#]+", "%", line.strip()) for line in lines if "_dot " in line or "tt.dot " in line]
+    mul_types = [line.rsplit(":", 1)[-1].strip() for line in lines if "arith.mulf" in line]
+    return ops, dots, mul_types
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter does not compile")
+@pytest.mark.parametrize("regime", [0, -1])
+def test_sm90_code_of_both_modes_does_the_same_arithmetic(regime):
+    """fp8 mode may differ from exact mode only in how the group scale becomes fp32 (fp8 -> fp32
+    instead of bf16 -> fp32, both exact) and in one more fp32 multiply (by chan) in the epilogue:
+    the same MMAs, the same promotion, the same sums, one rounding to bf16."""
+    pytest.importorskip("triton")
+    from inductor_w4a8.launch.gemm_tiles import GEMM_TILES
+    tile = GEMM_TILES[regime][1]
+    fp8_ops, fp8_dots, fp8_muls = _ops(_sm90_ttgir("fp8", tile))
+    ex_ops, ex_dots, ex_muls = _ops(_sm90_ttgir("exact", tile))
+    assert fp8_dots and fp8_dots == ex_dots
+    assert fp8_ops["arith.addf"] == ex_ops["arith.addf"]
+    assert fp8_ops["arith.mulf"] == ex_ops["arith.mulf"] + 1
+    assert all("f32" in t and "bf16" not in t and "f16" not in t.replace("f32", "") for t in fp8_muls + ex_muls), \
+        (fp8_muls, ex_muls)
+    assert fp8_ops["arith.truncf"] == ex_ops["arith.truncf"] == 1        # the output, once
+    assert fp8_ops["tt.fp_to_fp"] == ex_ops["arith.extf"] == tile.groups_per_step    # the scale loads
+    assert fp8_ops["arith.extf"] == 0 and ex_ops["tt.fp_to_fp"] == 0
+
+
+# ------------------------------------------------------------------------------------------
 # GPU: GLM-4.6 shapes
 # ------------------------------------------------------------------------------------------
 GLM_W2, GLM_W13 = (5120, 1536), (3072, 5120)
