@@ -227,4 +227,4 @@ def test_cuda_max_autotune_gemm_matches_eager(mode):
         assert rel_error(out, eager) <= 4e-3, R
     code = "\n".join(codes_all)
     assert "w4a8_grouped_gemm_kernel" in code and "torch.ops.w4a8.grouped_gemm.default(" not in code
-    assert len(set(re.findall(r"'BLOCK_M': (\d+)", code))) >= 2, "no block-size candidates in the code"
+    assert len(set(re.findall(r"['\"]BLOCK_M['\"]: (\d+)", code))) >= 2, "no block-size candidates in the code"
