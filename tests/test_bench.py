@@ -180,3 +180,44 @@ def test_bad_out_directory_refused_before_the_run(monkeypatch, tmp_path, capsys)
     monkeypatch.setattr(bench, "run", no_run)
     assert bench.main(["--out", str(blocker / "sub")]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+def test_run_writes_tables_and_json(monkeypatch, tmp_path):
+    """The run's orchestration (ceilings -> timing -> numerics -> tables -> JSON) with the GPU-only
+    measurements replaced by fixed numbers."""
+    import json
+    ceil = bench.Ceilings(4.0, 1000.0)
+    monkeypatch.setattr(bench, "measure_ceilings", lambda: ceil)
+    monkeypatch.setattr(bench, "time_gemms", lambda m_list, *a, **k: [
+        {"M": M, "R": 8 * M, "flops": 1e9 * M, "bytes": 1e8, "floor_us": 25.0, "ours": 40.0} for M in m_list])
+    numerics_row = {"gemm": "w2", "N": 5120, "K": 1536, "M": 1, "R": 8, "floor": 1.7e-3, "fp8_own_floor": 1.7e-3,
+                    "ours_exact": 1.7e-3, "ours_fp8_own": 1.7e-3, "ours_fp8": 2e-2}
+    monkeypatch.setattr(bench, "measure_numerics", lambda *a, **k: [numerics_row])
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a test GPU")
+    lines = []
+    rows = bench.run((1, 64), peers=False, out_dir=str(tmp_path), numerics_m=(1,), log=lines.append)
+    assert [r["M"] for r in rows] == [1, 64]
+    text = "\n".join(lines)
+    assert text.count(ceil.describe()) == 2                       # before and after the tables
+    assert "| 1 | 8 | 40.0 |" in text and "ours fp8 own / its floor" in text
+    saved = json.loads((tmp_path / "bench_grouped_gemm.json").read_text())
+    assert saved["meta"]["ceilings"]["hbm_tbps"] == 4.0 and saved["meta"]["device"] == "a test GPU"
+    assert saved["numerics"] == [numerics_row] and len(saved["rows"]) == 2
+
+
+def test_run_keeps_the_timing_table_when_numerics_fail(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "measure_ceilings", lambda: bench.Ceilings(4.0, 1000.0))
+    monkeypatch.setattr(bench, "time_gemms", lambda *a, **k: [
+        {"M": 1, "R": 8, "flops": 1e9, "bytes": 1e8, "floor_us": 25.0, "ours": 40.0}])
+
+    def broken(*a, **k):
+        raise RuntimeError("out of memory")
+    monkeypatch.setattr(bench, "measure_numerics", broken)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a test GPU")
+    lines = []
+    bench.run((1,), peers=False, out_dir=str(tmp_path), numerics_m=(1,), log=lines.append)
+    text = "\n".join(lines)
+    assert "numerics failed" in text and "| 1 | 8 | 40.0 |" in text
+    assert (tmp_path / "bench_grouped_gemm.json").exists()
