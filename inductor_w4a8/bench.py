@@ -1,15 +1,19 @@
-"""Benchmark of the W4A8 grouped GEMM on GLM-4.6 MoE shapes: `python -m inductor_w4a8.bench`.
+"""Benchmark of the W4A8 grouped GEMM on GLM-4.6 MoE shapes: `python -m inductor_w4a8 bench`.
 
 GLM-4.6 MoE layer per GPU: E=160 experts, hidden 5120, moe-intermediate 1536, top-8. Both GEMMs
 of the layer are timed together (w13 [160, 3072, 5120] then w2 [160, 5120, 1536]) at M tokens
-(R = 8 M rows sorted by expert, random balanced-ish routing). Beside ours: bf16
-torch._grouped_mm, fp8 W8A8 torch._scaled_grouped_mm and FBGEMM's CUTLASS f8i4 grouped GEMM
+(R = 8 M rows sorted by expert, random routing). Beside ours: bf16 torch._grouped_mm, fp8 W8A8
+torch._scaled_grouped_mm and FBGEMM's CUTLASS f8i4 grouped GEMM
 (torch.ops.fbgemm.f8i4bf16_shuffled_grouped) when importable. Median microseconds of CUDA-graph
 replays (no host overhead, as a serving loop runs them; L2 flushed before every replay; eager
-do_bench where capture fails), TFLOP/s, GB/s, % of the floor
-(max(weight+activation bytes at the HBM rate, FLOPs at the fp8 rate)), ratio to FBGEMM.
-Prints a markdown table, writes JSON and a PNG plot. `--block` also times W4A8MoE.forward when
-inductor_w4a8.moe exists.
+do_bench where capture fails), TFLOP/s, GB/s, % of the floor, ratio to FBGEMM.
+
+The floor is max(weight + activation bytes at the HBM rate, FLOPs at the fp8 rate), both rates
+measured in the same run on the same GPU: a device-to-device copy of a multi-GB buffer and fp8
+torch._scaled_mm (rowwise scales) at 8192^3. A numerics table follows (inductor_w4a8.
+bench_numerics): ours in both scale modes and FBGEMM against the exact fp64 product of the
+checkpoint's own int4 weights and the fp8 activations, beside the bf16 output floor.
+Prints markdown tables, writes JSON and a PNG plot. `--block` also times W4A8MoE.forward.
 """
 from __future__ import annotations
 
@@ -27,13 +31,11 @@ from .checks import value_checks
 
 E_GLM, HIDDEN_GLM, INTER_GLM, TOPK_GLM = 160, 5120, 1536, 8
 M_LIST = (1, 16, 64, 256, 1024, 4096, 8192)
-HBM_TBPS = 3.0          # measured device-to-device rate of the H100 here (KINDS.md), TB/s
-FP8_TFLOPS = 1421.0     # fp8 dense rate the issue's floor uses, TFLOP/s
-PEER_US = {             # issue 3's table (same H100 kind, torch 2.11), for reference only
-    "bf16": {1: 173, 16: 1533, 64: 2660, 256: 2724, 1024: 2819, 4096: 3345, 8192: 6151},
-    "fp8": {1: 109, 16: 799, 64: 1365, 256: 1403, 1024: 1452, 4096: 2790, 8192: 3493},
-    "fbgemm": {1: 87, 16: 691, 64: 852, 256: 1370, 1024: 1407, 4096: 1685, 8192: 3165},
-}
+GLM_GEMMS = {"w13": (2 * INTER_GLM, HIDDEN_GLM), "w2": (HIDDEN_GLM, INTER_GLM)}   # name: (N, K)
+PROG = "python -m inductor_w4a8 bench"
+NUMERICS_M = (1, 64, 513)   # token counts of the numerics table (decode, mid, past a 512 boundary)
+NO_GPU_MESSAGE = (f"{PROG} needs a CUDA GPU and none is visible here; on this machine run "
+                  "`python -m inductor_w4a8 demo` (it runs on CPU)")
 
 
 # ------------------------------------------------------------------------------------------
@@ -79,8 +81,72 @@ def gemm_bytes(R: int, offsets: torch.Tensor, N: int, K: int) -> int:
     return hit * N * (K // 2) + hit * N * (K // 128) * 2 + R * K + R * 4 + R * N * 2
 
 
-def floor_us(flops: float, nbytes: float) -> float:
-    return max(nbytes / (HBM_TBPS * 1e12), flops / (FP8_TFLOPS * 1e12)) * 1e6
+# ------------------------------------------------------------------------------------------
+# Ceilings of this GPU, measured in the same run
+# ------------------------------------------------------------------------------------------
+COPY_BYTES = 4 << 30          # large enough that the L2 (50-60 MB) plays no part
+SCALED_MM_SIZE = 8192         # the fp8 rate is taken at 8192^3, where cuBLAS runs near its peak
+
+
+@dataclasses.dataclass(frozen=True)
+class Ceilings:
+    hbm_tbps: float           # device-to-device copy: (bytes read + bytes written) / time, TB/s
+    fp8_tflops: float         # torch._scaled_mm, fp8 e4m3, rowwise fp32 scales, bf16 out, TFLOP/s
+    copy_bytes: int = COPY_BYTES
+    scaled_mm_size: int = SCALED_MM_SIZE
+
+    def describe(self) -> str:
+        n = self.scaled_mm_size
+        return (f"ceilings measured in this run: HBM {self.hbm_tbps:.2f} TB/s (device-to-device "
+                f"copy of {self.copy_bytes / 2**30:.0f} GiB, read + write bytes), fp8 "
+                f"{self.fp8_tflops:.0f} TFLOP/s (torch._scaled_mm rowwise, {n}x{n}x{n})")
+
+
+def copy_rate_tbps(nbytes: int, seconds: float) -> float:
+    """A copy of nbytes reads nbytes and writes nbytes: the rate counts both."""
+    return 2 * nbytes / seconds / 1e12
+
+
+def gemm_rate_tflops(m: int, n: int, k: int, seconds: float) -> float:
+    return 2.0 * m * n * k / seconds / 1e12
+
+
+def floor_us(flops: float, nbytes: float, ceilings: Ceilings) -> float:
+    """The fewest microseconds the work can take: its bytes at the HBM rate or its FLOPs at the
+    fp8 rate, whichever is longer."""
+    return max(nbytes / (ceilings.hbm_tbps * 1e12), flops / (ceilings.fp8_tflops * 1e12)) * 1e6
+
+
+def event_median_s(fn, reps: int = 20, warmup: int = 3) -> float:
+    """Median seconds of `fn` between CUDA events (no L2 flush: for work far larger than L2)."""
+    for _ in range(warmup):
+        fn()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(start.elapsed_time(end) for start, end in events)
+    return times[len(times) // 2] / 1e3
+
+
+def measure_ceilings(nbytes: int = COPY_BYTES, size: int = SCALED_MM_SIZE) -> Ceilings:
+    device = torch.device("cuda")
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 256)
+    dst = torch.empty_like(src)
+    copy_s = event_median_s(lambda: dst.copy_(src))
+    del src, dst
+    a = torch.randn(size, size, device=device).to(formats.FP8_DTYPE)
+    b = torch.randn(size, size, device=device).to(formats.FP8_DTYPE).t()   # column-major operand
+    scale_a = torch.rand(size, 1, device=device) + 0.5
+    scale_b = torch.rand(1, size, device=device) + 0.5
+    mm_s = event_median_s(lambda: torch._scaled_mm(a, b, scale_a, scale_b, out_dtype=torch.bfloat16))
+    del a, b
+    torch.cuda.empty_cache()
+    return Ceilings(copy_rate_tbps(nbytes, copy_s), gemm_rate_tflops(size, size, size, mm_s),
+                    nbytes, size)
 
 
 # ------------------------------------------------------------------------------------------
@@ -108,9 +174,11 @@ def _fbgemm_available() -> bool:
 class Peers:
     """bf16 / fp8 torch grouped GEMMs and FBGEMM f8i4 on dense random weights of one GEMM."""
 
-    def __init__(self, E, N, K, device, want=("bf16", "fp8", "fbgemm")):
+    def __init__(self, E, N, K, device, want=("bf16", "fp8", "fbgemm"), w=None):
+        """w: bf16 [E, N, K] weights the peers quantize their own way (random when None)."""
         self.E, self.N, self.K = E, N, K
-        w = torch.randn(E, N, K, device=device, dtype=torch.bfloat16) * 0.05
+        if w is None:
+            w = torch.randn(E, N, K, device=device, dtype=torch.bfloat16) * 0.05
         self.have = {}
         if "bf16" in want:
             self.w_bf16 = w
@@ -159,7 +227,7 @@ def do_bench_us(fn, rep=200) -> float:
 _FLUSH = {}
 
 
-def graph_bench_us(fn, reps=60) -> float:
+def graph_bench_us(fn, reps=60, fallback_rep_ms=200) -> float:
     """Median us of CUDA-graph replays of `fn` (how a serving loop runs it: no host overhead),
     with the L2 flushed (256 MB written) before every replay. Falls back to do_bench when `fn`
     cannot be captured."""
@@ -176,7 +244,7 @@ def graph_bench_us(fn, reps=60) -> float:
             fn()
     except Exception:  # noqa: BLE001 - not capturable: time it eagerly
         torch.cuda.synchronize()
-        return do_bench_us(fn)
+        return do_bench_us(fn, rep=fallback_rep_ms)
     flush = _FLUSH.setdefault("buf", torch.empty(256 << 20, dtype=torch.int8, device="cuda"))
     graph.replay()
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
@@ -196,11 +264,47 @@ def graph_bench_us(fn, reps=60) -> float:
 # The benchmark
 # ------------------------------------------------------------------------------------------
 def run(m_list=M_LIST, scale_mode="fp8", peers=True, group_size=128, rep=200, out_dir=".",
-        block=False, log=print):
-    device = torch.device("cuda")
+        block=False, numerics_m=None, log=print):
+    from . import bench_numerics
     torch.manual_seed(0)
-    E, H, I, k = E_GLM, HIDDEN_GLM, INTER_GLM, TOPK_GLM
-    gemms = {"w13": (2 * I, H), "w2": (H, I)}
+    ceilings = measure_ceilings()
+    log(ceilings.describe())
+    rows = time_gemms(m_list, scale_mode, peers, group_size, rep, ceilings, log)
+    torch.cuda.empty_cache()
+    block_rows = []
+    if block:
+        try:
+            block_rows = time_block(m_list, log)
+        except Exception as exc:  # noqa: BLE001 - the GEMM table must still come out
+            log(f"--block failed: {exc!r}"[:500])
+    numerics = []
+    if numerics_m:
+        try:
+            numerics = measure_numerics(numerics_m, group_size, torch.device("cuda"), fbgemm=peers, log=log)
+        except Exception as exc:  # noqa: BLE001 - the timing table must still come out
+            log(f"numerics failed: {exc!r}"[:500])
+    log(ceilings.describe())
+    log(markdown_table(rows))
+    if numerics:
+        log(bench_numerics.markdown_table(numerics))
+    os.makedirs(out_dir, exist_ok=True)
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": __import__("triton").__version__, "scale_mode": scale_mode,
+            "group_size": group_size, "ceilings": dataclasses.asdict(ceilings)}
+    with open(os.path.join(out_dir, "bench_grouped_gemm.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows, "block": block_rows, "numerics": numerics}, f, indent=1)
+    try:
+        plot(rows, os.path.join(out_dir, "bench_grouped_gemm.png"), meta)
+    except Exception as exc:  # noqa: BLE001
+        log(f"plot failed: {exc!r}")
+    return rows
+
+
+def time_gemms(m_list, scale_mode, peers, group_size, rep, ceilings: Ceilings, log=print) -> list[dict]:
+    """The timing table's rows: both GLM-4.6 GEMMs back to back at each M, ours and the peers."""
+    device = torch.device("cuda")
+    E, k = E_GLM, TOPK_GLM
+    gemms = GLM_GEMMS
     weights = {name: random_weights(E, N, K, group_size, device) for name, (N, K) in gemms.items()}
     peer = {}
     if peers:
@@ -216,62 +320,89 @@ def run(m_list=M_LIST, scale_mode="fp8", peers=True, group_size=128, rep=200, ou
         acts = {name: random_activations(R, K, device) for name, (N, K) in gemms.items()}
         flops = sum(2.0 * R * N * K for N, K in gemms.values())
         nbytes = sum(gemm_bytes(R, offsets, N, K) for N, K in gemms.values())
-        fl = floor_us(flops, nbytes)
+        row = {"M": M, "R": R, "flops": flops, "bytes": nbytes,
+               "floor_us": floor_us(flops, nbytes, ceilings)}
         impls = {"ours": [ours_fn(*acts[n], weights[n], offsets, scale_mode) for n in gemms]}
         for name in gemms:
             if name in peer:
                 for key, fn in peer[name].fns(*acts[name], offsets).items():
                     impls.setdefault(key, []).append(fn)
-        row = {"M": M, "R": R, "flops": flops, "bytes": nbytes, "floor_us": fl}
-        with value_checks(False):
-            for key, fns in impls.items():
-                if len(fns) != len(gemms):
-                    continue
-
-                def both(fns=fns):
-                    for f in fns:
-                        f()
-                try:
-                    us = graph_bench_us(both)
-                except Exception as exc:  # noqa: BLE001
-                    log(f"M={M} {key} failed: {exc!r}"[:300])
-                    continue
-                row[key] = us
+        row.update(time_impls(impls, len(gemms), f"M={M}", rep, log))
         rows.append(row)
         log(json.dumps({k2: (round(v, 2) if isinstance(v, float) else v) for k2, v in row.items()}))
-    block_rows = []
-    if block:
-        try:
-            block_rows = time_block(m_list, log)
-        except Exception as exc:  # noqa: BLE001 - the GEMM table must still come out
-            log(f"--block failed: {exc!r}"[:500])
-    table = markdown_table(rows)
-    log(table)
-    os.makedirs(out_dir, exist_ok=True)
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "triton": __import__("triton").__version__, "scale_mode": scale_mode,
-            "group_size": group_size}
-    with open(os.path.join(out_dir, "bench_grouped_gemm.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows, "block": block_rows}, f, indent=1)
-    try:
-        plot(rows, os.path.join(out_dir, "bench_grouped_gemm.png"), meta)
-    except Exception as exc:  # noqa: BLE001
-        log(f"plot failed: {exc!r}")
     return rows
 
 
+def time_impls(impls: dict, n_gemms: int, label: str, rep: int = 200, log=print) -> dict:
+    """{name: median us of all the name's GEMMs back to back} for the names that have them all."""
+    times = {}
+    with value_checks(False):
+        for key, fns in impls.items():
+            if len(fns) != n_gemms:
+                continue
+
+            def both(fns=fns):
+                for f in fns:
+                    f()
+            try:
+                times[key] = graph_bench_us(both, fallback_rep_ms=rep)
+            except Exception as exc:  # noqa: BLE001 - one failing peer must not end the run
+                log(f"{label} {key} failed: {exc!r}"[:300])
+    return times
+
+
+def measure_numerics(m_list, group_size, device, fbgemm=True, experts=16, shapes=None,
+                     log=print) -> list[dict]:
+    """bench_numerics' table on the GLM-4.6 w13 and w2 shapes [N, K] (or `shapes`) with `experts`
+    experts (the per-element error depends on N and K, not on E) at each M of m_list (R = 8 M
+    routed rows). Runs wherever the op does (the CPU kernel is the reference rounded once)."""
+    from . import bench_numerics as nm
+    gen = torch.Generator(device=device).manual_seed(1)
+    rows = []
+    with torch.no_grad():
+        for name, (N, K) in (shapes or GLM_GEMMS).items():
+            ckpt = nm.checkpoint_gemm(experts, N, K, group_size, device, gen)
+            peer = None
+            if fbgemm and _fbgemm_available():
+                peer = Peers(experts, N, K, device, want=("fbgemm",), w=ckpt.dequantized_bf16())
+            for M in m_list:
+                R = M * TOPK_GLM
+                offsets = route(M, experts, TOPK_GLM, device, gen)
+                a, a_scale = nm.fp8_activations(R, K, device, gen)
+                op = torch.ops.w4a8.grouped_gemm
+                outputs = {"ours_exact": op(a, a_scale, ckpt.w, ckpt.s_bf16, None, offsets, group_size),
+                           "ours_fp8": op(a, a_scale, ckpt.w, ckpt.s_fp8, ckpt.chan, offsets, group_size)}
+                if peer is not None:
+                    outputs["fbgemm"] = peer.fns(a, a_scale, offsets)["fbgemm"]()
+                row = {"gemm": name, "N": N, "K": K, "M": M, "R": R,
+                       **nm.error_row(outputs, *nm.exact_products(a, a_scale, ckpt, offsets))}
+                rows.append(row)
+                log(json.dumps({k: (float(f"{v:.3e}") if isinstance(v, float) else v) for k, v in row.items()}))
+            del ckpt, peer
+    return rows
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
 def markdown_table(rows) -> str:
+    """One line per M: every implementation's us, the floor, ours against the floor and FBGEMM."""
     keys = [k for k in ("bf16", "fp8", "fbgemm") if any(k in r for r in rows)]
     head = ("| M | R | ours us | " + " | ".join(f"{k} us" for k in keys)
-            + " | floor us | ours % floor | ours TFLOP/s | ours GB/s | FBGEMM / ours |")
+            + " | floor us | ours % of floor | ours TFLOP/s | ours GB/s | FBGEMM / ours |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        us = r.get("ours", float("nan"))
-        fb = r.get("fbgemm", PEER_US["fbgemm"].get(r["M"], float("nan")))
-        cells = [str(r["M"]), str(r["R"]), f"{us:.1f}"]
-        cells += [f"{r[k]:.1f}" if k in r else "-" for k in keys]
-        cells += [f"{r['floor_us']:.1f}", f"{100 * r['floor_us'] / us:.0f}%",
-                  f"{r['flops'] / us / 1e6:.0f}", f"{r['bytes'] / us / 1e3:.0f}", f"{fb / us:.2f}x"]
+        us = r.get("ours")
+        fb = r.get("fbgemm")
+        cells = [str(r["M"]), str(r["R"]), _fmt(us, ".1f")]
+        cells += [_fmt(r.get(k), ".1f") for k in keys]
+        cells.append(_fmt(r["floor_us"], ".1f"))
+        if us:
+            cells += [f"{100 * r['floor_us'] / us:.0f}%", f"{r['flops'] / us / 1e6:.0f}",
+                      f"{r['bytes'] / us / 1e3:.0f}", f"{fb / us:.2f}x" if fb else "-"]
+        else:
+            cells += ["-"] * 4
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -326,20 +457,46 @@ def time_block(m_list, log=print):
     return out
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--m", type=int, nargs="*", default=list(M_LIST))
-    p.add_argument("--scale-mode", choices=formats.SCALE_MODES, default="fp8")
-    p.add_argument("--no-peers", action="store_true")
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--m", type=positive_int, nargs="*", default=list(M_LIST), metavar="TOKENS",
+                   help="token counts M to time (R = 8 M rows); default: %(default)s")
+    p.add_argument("--scale-mode", choices=formats.SCALE_MODES, default="fp8",
+                   help="group-scale mode of our GEMM in the timing table; default: %(default)s")
+    p.add_argument("--no-peers", action="store_true",
+                   help="time ours only (no bf16 / fp8 torch grouped GEMMs, no FBGEMM)")
     p.add_argument("--block", action="store_true", help="also time W4A8MoE.forward")
-    p.add_argument("--rep", type=int, default=200, help="do_bench repetition time, ms")
-    p.add_argument("--out", default=os.environ.get("OUT", "."))
-    args = p.parse_args(argv)
+    p.add_argument("--rep", type=positive_int, default=200, metavar="MS",
+                   help="do_bench repetition time in ms, where a CUDA graph cannot be captured")
+    p.add_argument("--numerics-m", type=positive_int, nargs="*", default=list(NUMERICS_M), metavar="TOKENS",
+                   help="token counts of the numerics table (errors against the exact fp64 "
+                        "product); give none to skip it; default: %(default)s")
+    p.add_argument("--out", default=os.environ.get("OUT", "."), metavar="DIR",
+                   help="directory for bench_grouped_gemm.json / .png; default: $OUT or .")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
+        print(NO_GPU_MESSAGE, file=sys.stderr)
+        return 2
+    try:  # before the long work: a bad --out fails now, not after the run
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as exc:
+        print(f"{PROG}: cannot create --out {args.out!r}: {exc.strerror}", file=sys.stderr)
         return 2
     import inductor_w4a8  # noqa: F401  (registers the ops)
-    run(args.m, args.scale_mode, not args.no_peers, rep=args.rep, out_dir=args.out, block=args.block)
+    run(args.m, args.scale_mode, not args.no_peers, rep=args.rep, out_dir=args.out, block=args.block,
+        numerics_m=args.numerics_m)
     return 0
 
 

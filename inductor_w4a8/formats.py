@@ -222,10 +222,12 @@ def dequantize_w4(q: torch.Tensor, scale: torch.Tensor, group_size: int, dtype=t
     return q.to(dtype) * expand_group_scales(scale, group_size, dtype)
 
 
-def effective_group_scales(w_scale: torch.Tensor, w_chan_scale: torch.Tensor | None) -> torch.Tensor:
-    """The fp32 group scale the GEMM applies: s (bf16, exact mode) or fp8 s * chan (fp8 mode)."""
-    s = w_scale.float()
-    return s if w_chan_scale is None else s * w_chan_scale.float()
+def effective_group_scales(w_scale: torch.Tensor, w_chan_scale: torch.Tensor | None,
+                           dtype=torch.float32) -> torch.Tensor:
+    """The group scale the GEMM applies: s (bf16, exact mode) or fp8 s * chan (fp8 mode). In
+    fp32 the product of the 4-bit fp8 mantissa and the 24-bit chan rounds; float64 is exact."""
+    s = w_scale.to(dtype)
+    return s if w_chan_scale is None else s * w_chan_scale.to(dtype)
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,13 +16,16 @@ def grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, q: torch.Tensor, w_scal
                  group_size: int) -> torch.Tensor:
     """fp64 [R, N]: out[r, n] = a_scale[r] * sum_k a[r, k] * q[e, n, k] * s_eff[e, n, k // G].
 
-    `q` is int8 [E, N, K] in natural K order (decode the GEMM layout first).
+    `q` is int8 [E, N, K] in natural K order (decode the GEMM layout first). s_eff is the bf16
+    group scale (exact mode) or the fp8 group scale times the fp32 channel scale (fp8 mode), the
+    product taken in fp64: exact, so this is the exact product of the op's own inputs up to fp64
+    summation.
     """
     E, N, K = q.shape
     R = a.shape[0]
     out = torch.zeros((R, N), dtype=torch.float64, device=a.device)
     offsets = [min(max(int(o), 0), R) for o in expert_offsets.tolist()]
-    s = formats.effective_group_scales(w_scale, w_chan_scale)
+    s = formats.effective_group_scales(w_scale, w_chan_scale, dtype=torch.float64)
     for e in range(E):
         start, end = offsets[e], max(offsets[e + 1], offsets[e])
         if end <= start:
@@ -147,10 +150,10 @@ def moe_forward(hidden_states: torch.Tensor, router_logits: torch.Tensor, w13_q:
     def rounded(x: torch.Tensor) -> torch.Tensor:
         return x.to(torch.bfloat16) if bf16_intermediates else x
 
-    w13 = w13_q.double() * formats.expand_group_scales(
-        formats.effective_group_scales(w13_scale, w13_chan_scale), group_size).double()
-    w2 = w2_q.double() * formats.expand_group_scales(
-        formats.effective_group_scales(w2_scale, w2_chan_scale), group_size).double()
+    w13 = w13_q.double() * formats.expand_group_scales(formats.effective_group_scales(
+        w13_scale, w13_chan_scale, dtype=torch.float64), group_size, torch.float64)
+    w2 = w2_q.double() * formats.expand_group_scales(formats.effective_group_scales(
+        w2_scale, w2_chan_scale, dtype=torch.float64), group_size, torch.float64)
     x = activations(hidden_states)
     if intermediate is not None and tuple(intermediate.shape) != (ids.numel(), w2_q.shape[2]):
         raise ValueError(f"intermediate must be [tokens * top_k, I] = [{ids.numel()}, {w2_q.shape[2]}] "

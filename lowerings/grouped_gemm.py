@@ -60,45 +60,104 @@ def tile_regimes(choose: Callable[[int], object], r_limit: int = R_LIMIT) -> lis
     return regimes
 
 
-def autotune_configs(tile) -> list[tuple[int, int]]:
-    """(num_warps, num_stages) candidates around a regime's tile, for max-autotune."""
-    w, s = tile.num_warps, tile.num_stages
-    candidates = [(w, s), (w, s - 1), (w, s + 1), (2 * w, s)]
-    return [c for i, c in enumerate(candidates) if c[1] >= 2 and c[0] <= 8 and c not in candidates[:i]]
+# The kernel's tile parameters that max-autotune's configs carry (the launcher's own values for
+# them are dropped then); everything else the launcher passes is the same for every candidate.
+TUNED_KERNEL_ARGS = ("BLOCK_M", "BLOCK_N", "GROUPS_PER_STEP")
+
+
+def tile_config_kwargs(tile) -> dict:
+    return {"BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "GROUPS_PER_STEP": tile.groups_per_step}
+
+
+def autotune_tiles(tile, group_size: int) -> list:
+    """The configs' tiles for a regime whose tile is `tile` (default first): the candidates that
+    are valid for any N, K; `prune_invalid_configs` drops the rest once the kernel's N, K are seen."""
+    from inductor_w4a8.launch import gemm_tiles
+    return gemm_tiles.candidate_tiles(tile, None, None, group_size)
+
+
+def prune_invalid_configs(regime_tile):
+    """triton.autotune's early_config_prune: drops configs whose tile cannot run on this problem
+    (gemm_tiles.tile_problems), the regime's own tile always kept. Inductor runs it while tracing,
+    with the kernel's positional arguments (N, K) and keyword arguments (GROUP)."""
+    import dataclasses
+
+    from inductor_w4a8.launch import gemm_tiles
+
+    def prune(configs, named_args, **kwargs):
+        N, K, G = named_args.get("N"), named_args.get("K"), kwargs.get("GROUP")
+        if not all(isinstance(v, int) for v in (N, K, G)):
+            return configs     # symbolic N / K: nothing to decide on
+        kept = []
+        for config in configs:
+            tile = dataclasses.replace(
+                regime_tile, block_m=config.kwargs["BLOCK_M"], block_n=config.kwargs["BLOCK_N"],
+                groups_per_step=config.kwargs["GROUPS_PER_STEP"], num_warps=config.num_warps,
+                num_stages=config.num_stages)
+            if tile == regime_tile or not gemm_tiles.tile_problems(tile, N, K, G):
+                kept.append(config)
+        return kept
+    return prune
 
 
 class _Autotuned:
-    """`wrap` for the launcher under max-autotune: the kernel becomes a triton.autotune over
-    num_warps / num_stages (the tile's block sizes and grid stay the regime's), which Inductor
-    benchmarks on the first run of each regime (the CUDA-graph runner's warm-up, never inside a
-    capture). The launcher's own num_warps / num_stages are dropped: the configs carry them."""
+    """`wrap` for the launcher under max-autotune: one triton.autotune over the regime's candidate
+    tiles (block sizes, groups per K step, num_warps, num_stages; `autotune_tiles`), invalid ones
+    pruned early, which Inductor benchmarks on the first run of each regime (the CUDA-graph
+    runner's warm-up, never inside a capture). The persistent grid becomes a function of each
+    config's block sizes; the launcher's own tile arguments are dropped: the configs carry them."""
 
-    def __init__(self, tile):
+    def __init__(self, tile, group_size: int):
         self.tile = tile
+        self.tiles = autotune_tiles(tile, group_size)
+
+    def configs(self) -> list:
+        import triton
+        return [triton.Config(tile_config_kwargs(t), num_warps=t.num_warps, num_stages=t.num_stages)
+                for t in self.tiles]
 
     def __call__(self, kernel):
         import triton
-        configs = [triton.Config({}, num_warps=nw, num_stages=ns) for nw, ns in autotune_configs(self.tile)]
-        wrapped = _compat.wrap_triton()(triton.autotune(configs=configs, key=[])(kernel))
-        return _DropLaunchKnobs(wrapped)
+        tuned = triton.autotune(configs=self.configs(), key=[],
+                                prune_configs_by={"early_config_prune": prune_invalid_configs(self.tile)})
+        return _TunedLaunch(_compat.wrap_triton()(tuned(kernel)), self.tile, kernel.arg_names)
 
 
-class _DropLaunchKnobs:
-    def __init__(self, wrapped):
+class _TunedLaunch:
+    """kernel[grid](*args, **kwargs) as the launcher writes it, for an autotuned kernel: the grid is
+    recomputed per config from its block sizes (same rule as the launcher's: gemm_tiles.grid_size,
+    the regime's programs_per_sm), and the tile keyword arguments are left to the configs."""
+
+    def __init__(self, wrapped, regime_tile, arg_names):
         self.wrapped = wrapped
+        self.regime_tile = regime_tile
+        self.arg_names = list(arg_names)
 
-    def __getitem__(self, grid):
-        launch = self.wrapped[grid]
+    def __getitem__(self, _launcher_grid):
+        import dataclasses
+
+        from inductor_w4a8.launch import gemm_tiles
 
         def call(*args, num_warps=None, num_stages=None, **kwargs):
-            return launch(*args, **kwargs)
+            named = {**dict(zip(self.arg_names, args)), **kwargs}
+            R, N, E, device = named["R"], named["N"], named["E"], args[0].device
+            for name in TUNED_KERNEL_ARGS:
+                kwargs.pop(name, None)
+
+            def grid(meta):
+                tile = dataclasses.replace(self.regime_tile, block_m=meta["BLOCK_M"], block_n=meta["BLOCK_N"])
+                return (gemm_tiles.grid_size(tile, R, N, E, device),)
+            return self.wrapped[grid](*args, **kwargs)
         return call
 
 
 def _default_launch(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_size, tile):
     from inductor_w4a8.launch import grouped_gemm as launcher
     config = _compat.inductor_config()
-    wrap = _Autotuned(tile) if (config.max_autotune or config.max_autotune_gemm) else _compat.wrap_triton()
+    if config.max_autotune or config.max_autotune_gemm:
+        wrap = _Autotuned(tile, group_size)
+    else:
+        wrap = _compat.wrap_triton()
     return launcher.grouped_gemm(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_size,
                                  tile=tile, wrap=wrap)
 

@@ -137,10 +137,44 @@ def test_grouped_gemm(with_chan, seed):
             acc = 0.0
             for g in range(K // G):
                 part = sum(float(a[r, k].float()) * int(q[e, n, k]) for k in range(g * G, (g + 1) * G))
-                # the effective scale is the fp32 product s * chan (formats.effective_group_scales)
-                sg = float(s[e, n, g].float() * chan[e, n, 0]) if with_chan else float(s[e, n, g].float())
+                # the effective scale is the exact product s * chan (Python floats are fp64)
+                sg = float(s[e, n, g].float()) * (float(chan[e, n, 0]) if with_chan else 1.0)
                 acc += sg * part
             assert out[r, n].item() == pytest.approx(acc * float(a_scale[r, 0]), rel=1e-9, abs=1e-12)
+
+
+def test_grouped_gemm_fp8_mode_is_exact(seed):
+    """fp8 mode's effective scale is fp8 s x fp32 chan taken exactly (fp64), not rounded to fp32:
+    with a chan whose product with s needs more than 24 bits, the two differ, and the reference
+    equals the fp64 product (the exact value of the op's own inputs)."""
+    E, N, K, G = 2, 3, 64, 32
+    q = torch.randint(-8, 8, (E, N, K), dtype=torch.int8)
+    s8 = (torch.rand(E, N, K // G) * 40 + 8).to(FP8)
+    chan = (torch.rand(E, N, 1) + 0.5) * 2**-9    # 24 random mantissa bits
+    assert not torch.equal(formats.effective_group_scales(s8, chan).double(),
+                           formats.effective_group_scales(s8, chan, dtype=torch.float64))
+    offsets = torch.tensor([0, 3, 7])
+    a, a_scale = formats.quantize_fp8_per_token(torch.randn(7, K).to(torch.bfloat16))
+    out = reference.grouped_gemm(a, a_scale, q, s8, chan, offsets, G)
+    w = q.double() * (s8.double() * chan.double()).repeat_interleave(G, dim=2)
+    expert = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    want = torch.stack([(a[r].double() @ w[expert[r]].T) * a_scale[r].double() for r in range(7)])
+    assert torch.allclose(out, want, rtol=1e-14, atol=0)
+
+
+def test_grouped_gemm_fp8_power_of_two_chan_equals_exact_mode(seed):
+    """With a power-of-two channel scale, fp8 mode (s8, chan) and exact mode (bf16 s8 * chan, which
+    is exact: 4 significant bits) mean the same product; the reference gives the same bits."""
+    E, N, K, G = 2, 5, 128, 64
+    q = torch.randint(-8, 8, (E, N, K), dtype=torch.int8)
+    s8 = (torch.rand(E, N, K // G) * 40 + 8).to(FP8)
+    chan = 2.0 ** torch.randint(-12, -4, (E, N, 1)).float()
+    s_bf16 = (s8.float() * chan).to(torch.bfloat16)
+    assert torch.equal(s_bf16.float(), s8.float() * chan)
+    offsets = torch.tensor([0, 4, 9])
+    a, a_scale = formats.quantize_fp8_per_token(torch.randn(9, K).to(torch.bfloat16))
+    assert torch.equal(reference.grouped_gemm(a, a_scale, q, s8, chan, offsets, G),
+                       reference.grouped_gemm(a, a_scale, q, s_bf16, None, offsets, G))
 
 
 # ------------------------------------------------------------------------------------------

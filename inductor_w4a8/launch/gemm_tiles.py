@@ -82,3 +82,66 @@ def grid_size(tile: GemmTile, R: int, N: int, E: int, device: torch.device) -> i
         programs = 3
     # sym_min / sym_max: R may be symbolic under torch.compile (no guard on it); plain ints here.
     return torch.sym_max(1, torch.sym_min(upper, programs))
+
+
+# --------------------------------------------------------------------------------------------
+# max-autotune candidates: the regime's tile and its neighbours, as data, invalid ones pruned
+# --------------------------------------------------------------------------------------------
+BLOCK_M_CHOICES = (16, 32, 64, 128, 256)   # the wgmma N side: 8..256, powers of two for tl.arange
+BLOCK_N_CHOICES = (64, 128, 256)           # the wgmma M side: whole 64-row instructions
+WARPS_CHOICES = (4, 8)                     # one or two warpgroups
+STAGES_RANGE = (2, 6)
+SMEM_LIMIT_BYTES = 227 * 1024              # Hopper's shared memory per block
+ACC_REGS_LIMIT = 128                       # fp32 accumulator registers per thread before ptxas spills
+MAX_CANDIDATES = 8                         # each one is compiled and timed on the regime's first run
+
+
+def tile_problems(tile: GemmTile, N: int | None, K: int | None, group_size: int) -> list[str]:
+    """Why `tile` cannot run (or cannot run well) on an [N, K] GEMM with this group size; empty
+    when it can. N / K None: only the checks that do not depend on them."""
+    problems = []
+    if tile.block_m not in BLOCK_M_CHOICES:
+        problems.append(f"block_m={tile.block_m} not in {BLOCK_M_CHOICES}")
+    if tile.block_n not in BLOCK_N_CHOICES:
+        problems.append(f"block_n={tile.block_n} not in {BLOCK_N_CHOICES}")
+    elif N is not None and tile.block_n > 64 and tile.block_n >= 2 * N:
+        problems.append(f"block_n={tile.block_n} is over twice N={N}: half the tile would be padding")
+    if tile.num_warps not in WARPS_CHOICES:
+        problems.append(f"num_warps={tile.num_warps} not in {WARPS_CHOICES}")
+    if not STAGES_RANGE[0] <= tile.num_stages <= STAGES_RANGE[1]:
+        problems.append(f"num_stages={tile.num_stages} outside {STAGES_RANGE}")
+    if tile.groups_per_step not in (1, 2):
+        problems.append(f"groups_per_step={tile.groups_per_step} not 1 or 2")
+    elif K is not None and tile.groups_per_step == 2 and K // group_size < 2:
+        problems.append(f"groups_per_step=2 needs two groups along K={K}")
+    if tile.programs_per_sm < 1:
+        problems.append(f"programs_per_sm={tile.programs_per_sm} < 1")
+    # per stage: an fp8 activation tile [block_m, G] and an int4 weight tile [block_n, G / 2]
+    smem = tile.num_stages * tile.groups_per_step * (tile.block_m * group_size + tile.block_n * group_size // 2)
+    if smem > SMEM_LIMIT_BYTES:
+        problems.append(f"{smem} bytes of pipelined shared memory > {SMEM_LIMIT_BYTES}")
+    acc_regs = tile.block_m * tile.block_n // (32 * max(tile.num_warps, 1))
+    if acc_regs > ACC_REGS_LIMIT:
+        problems.append(f"{acc_regs} accumulator registers per thread > {ACC_REGS_LIMIT}")
+    return problems
+
+
+def candidate_tiles(tile: GemmTile, N: int | None, K: int | None, group_size: int) -> list[GemmTile]:
+    """Tiles for max-autotune to time around a regime's `tile` (first: the default): the token
+    side halved and doubled, the weight side 64 / 128, the other warp count, one stage fewer and
+    more, the other groups-per-step. Invalid ones are pruned (`tile_problems`; with N / K None,
+    what depends on them is left to the autotuner's early prune), duplicates dropped, at most
+    MAX_CANDIDATES. programs_per_sm stays the regime's, so the persistent grid
+    of a candidate follows from its block sizes alone."""
+    replace = dataclasses.replace
+    variants = [tile,
+                replace(tile, block_m=tile.block_m // 2), replace(tile, block_m=tile.block_m * 2),
+                replace(tile, block_n=128 if tile.block_n == 64 else 64),
+                replace(tile, num_warps=8 if tile.num_warps == 4 else 4),
+                replace(tile, num_stages=tile.num_stages - 1), replace(tile, num_stages=tile.num_stages + 1),
+                replace(tile, groups_per_step=3 - tile.groups_per_step)]
+    out: list[GemmTile] = []
+    for t in variants:
+        if t not in out and (t == tile or not tile_problems(t, N, K, group_size)):
+            out.append(t)
+    return out[:MAX_CANDIDATES]
