@@ -25,6 +25,11 @@ class GemmTile:
     num_stages: int
     programs_per_sm: int
     groups_per_step: int = 1   # quantization groups per K step (1 or 2 independent dots)
+    # "triton": kernels/grouped_gemm.py. "wgmma": kernels/grouped_gemm_wgmma.py (Gluon, sm_90
+    # only; num_stages is its activation ring depth, num_warps 8 = two warpgroups); where it
+    # cannot run (no Hopper GPU, the interpreter, a trace through wrap_triton) the launcher
+    # runs WGMMA_FALLBACK instead.
+    kernel: str = "triton"
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -42,6 +47,10 @@ GEMM_TILES: tuple[tuple[float, GemmTile], ...] = (
     (64, GemmTile(block_m=64, block_n=64, num_warps=4, num_stages=4, programs_per_sm=2)),
     (float("inf"), GemmTile(block_m=128, block_n=64, num_warps=4, num_stages=4, programs_per_sm=2)),
 )
+
+
+WGMMA_KERNEL = "wgmma"
+WGMMA_FALLBACK = GEMM_TILES[-1][1]
 
 
 def expected_rows_per_expert(R: int, E: int) -> float:

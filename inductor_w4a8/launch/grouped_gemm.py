@@ -5,13 +5,14 @@ comes from shapes (launch/gemm_tiles.py), the per-expert tile list is built on t
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 
 from ..kernels.grouped_gemm import w4a8_grouped_gemm_kernel
-from .gemm_tiles import GemmTile, choose_tile, grid_size
+from .gemm_tiles import WGMMA_FALLBACK, WGMMA_KERNEL, GemmTile, choose_tile, grid_size
 
 
 LAST_COMPILED = None  # the last compiled kernel (for SASS / register inspection in tuning)
@@ -40,6 +41,11 @@ def grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scal
         return out
     if tile is None:
         tile = choose_tile(R, N, K, E, group_size)
+    if tile.kernel == WGMMA_KERNEL:
+        if wrap is None and wgmma_supported(a.device):
+            return _launch_wgmma(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_size,
+                                 tile, out)
+        tile = WGMMA_FALLBACK
     if use_asm is None:
         use_asm = a.device.type == "cuda" and not _interpreting()
     grid = (grid_size(tile, R, N, E, a.device),)
@@ -55,5 +61,41 @@ def grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scal
         BLOCK_E=max(16, triton.next_power_of_2(E)),
         USE_ASM=use_asm, GROUPS_PER_STEP=tile.groups_per_step,
         num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )
+    return out
+
+
+def wgmma_supported(device: torch.device) -> bool:
+    """The Gluon wgmma kernel runs on sm_90 GPUs only, compiled (never under the interpreter)."""
+    if device.type != "cuda" or _interpreting():
+        return False
+    return _gluon_kernel() is not None and _capability(device)[0] == 9
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _gluon_kernel():
+    try:
+        from ..kernels.grouped_gemm_wgmma import w4a8_grouped_gemm_wgmma_kernel
+    except ImportError:   # a triton without Gluon: the Triton kernel serves every shape
+        return None
+    return w4a8_grouped_gemm_wgmma_kernel
+
+
+def _launch_wgmma(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_size, tile, out):
+    R, K = a.shape
+    E, N, _ = w.shape
+    has_chan = w_chan_scale is not None
+    global LAST_COMPILED
+    LAST_COMPILED = _gluon_kernel()[(grid_size(tile, R, N, E, a.device),)](
+        a, a_scale, w.view(torch.uint8), w_scale, w_chan_scale if has_chan else w_scale,
+        expert_offsets, out, R, N, K, E,
+        GROUP=group_size, HAS_CHAN=has_chan, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+        BLOCK_E=max(16, triton.next_power_of_2(E)), STAGES=tile.num_stages,
+        num_warps=tile.num_warps,
     )
     return out

@@ -1,0 +1,243 @@
+"""Gluon kernel of `w4a8::grouped_gemm` for many rows per expert (Hopper, sm_90): async wgmma
+with the per-group fp32 promotion overlapped with the next group's MMA.
+
+Same contract and numerics as kernels/grouped_gemm.py:
+
+    out[r, n] = a_scale[r] * chan[e, n] * sum_g s[e, n, g] * sum_{k in g} a[r, k] * q[e, n, k]
+
+every group's fp8 wgmma result is multiplied by its fp32 scale and added to an fp32 accumulator
+(q * s is never rounded). Why Gluon: stock Triton makes each dot wait for its own result when
+that result feeds anything but the next dot's accumulator, so the promotion serializes MMA and
+math; here the wait is written by hand.
+
+One program = one out^T tile [BLOCK_N weight rows, BLOCK_M tokens], 8 warps (two warpgroups,
+64 weight rows each). K step g (one quantization group):
+  1. the int4 words of group g (loaded into registers one step ahead) become exact e4m3 q by
+     the layout-v3 PRMT lookup (kernels/int4_decode.py) and are stored to a shared buffer
+     (two buffers, alternating);
+  2. wgmma(g) is issued asynchronously on (weights, activations) in shared memory;
+  3. wait until only wgmma(g) is in flight, then promote wgmma(g - 1): acc += p * s[g - 1];
+  4. the activations of group g + STAGES - 1 are copied into the ring by cp.async (masked
+     rows read nothing), and the weights / scales of group g + 1 are loaded.
+So the tensor cores run wgmma(g) while the warps convert, promote and issue loads.
+
+Device-side tile list, clamping of offsets, int64 row addressing and the persistent grid are
+the same as the Triton kernel's (any offsets are memory-safe, no host sync).
+"""
+import triton.language as tl
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared, warpgroup_mma, warpgroup_mma_init, warpgroup_mma_wait)
+
+from .int4_decode import s4_tile_to_fp8_asm
+
+# The Gluon API moved between triton 3.6 and 3.9 (the GPU machine / CI): one name each here.
+if hasattr(async_copy, "async_load"):
+    _cp_async = async_copy.async_load                     # triton >= 3.7
+else:
+    _cp_async = async_copy.async_copy_global_to_shared    # triton 3.6
+_cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
+
+
+@gluon.constexpr_function
+def _rows_blocked(cols, vec, num_warps, dim0_fast=False):
+    """A blocked layout of [rows, cols] with `vec` contiguous elements of a row per thread."""
+    tpc = max(1, min(32, cols // vec))
+    return gl.BlockedLayout([1, vec], [32 // tpc, tpc], [num_warps, 1], [1, 0])
+
+
+@gluon.constexpr_function
+def _out_blocked(num_warps):
+    """[BLOCK_N, BLOCK_M] out^T with 8 consecutive n per thread: 16-byte bf16 stores along n."""
+    return gl.BlockedLayout([8, 1], [16, 2], [1, num_warps], [0, 1])
+
+
+@gluon.constexpr_function
+def _vec_layout(num_warps):
+    return gl.BlockedLayout([1], [32], [num_warps], [0])
+
+
+@gluon.constexpr_function
+def _mma_layout(block_m, num_warps):
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                     instr_shape=[16, block_m, 32])
+
+
+@gluon.constexpr_function
+def _fp8_smem_layout(cols):
+    return gl.NVMMASharedLayout(swizzle_byte_width=min(128, cols), element_bitwidth=8, rank=2)
+
+
+@gluon.jit
+def _max_combine(x, y):
+    return gl.maximum(x, y)
+
+
+@gluon.jit
+def _add_combine(x, y):
+    return x + y
+
+
+@gluon.jit
+def _decode_group(wb, BLOCK_N: gl.constexpr, GROUP: gl.constexpr):
+    """uint8 [BLOCK_N, GROUP // 2] layout-v3 bytes -> e4m3 q [BLOCK_N, GROUP] in natural K order.
+    Each thread holds whole 32-K chunks, so the join / reshape / permute only rename registers."""
+    return s4_tile_to_fp8_asm(wb, BLOCK_N, GROUP)
+
+
+@gluon.jit
+def _issue_copy(grp, a_smem, a_rows, a_rmask, KG, GROUP: gl.constexpr, STAGES: gl.constexpr):
+    """cp.async of group grp's activations into its ring slot (nothing read past the last group
+    or past the expert's rows)."""
+    _cp_async(a_smem.index(grp % STAGES), a_rows + grp * GROUP,
+              mask=a_rmask[:, None] & (grp < KG))
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _issue_step(g, wb, w_buf, a_smem, w_rows, s_rows, w_nmask, s_nmask, KG,
+                GROUP: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
+                BLOCK_M: gl.constexpr, mma_l: gl.constexpr):
+    """Convert group g's weights into w_buf and issue wgmma(g) (asynchronous); load group
+    g + 1's weights. Returns (token of wgmma(g), weights of g + 1, scale of g)."""
+    w_buf.store(_decode_group(wb, BLOCK_N, GROUP))
+    async_copy.wait_group(STAGES - 2)      # this thread's copies of group g landed
+    _cta_barrier()                          # ... and every thread's, and the weights
+    fence_async_shared()
+    p = warpgroup_mma(w_buf, a_smem.index(g % STAGES).permute((1, 0)),
+                      gl.zeros((BLOCK_N, BLOCK_M), gl.float32, layout=mma_l),
+                      use_acc=False, is_async=True)
+    sg = gl.load(s_rows + g, mask=s_nmask & (g < KG), other=0.0).to(gl.float32)
+    wb = gl.load(w_rows + (g + 1) * (GROUP // 2), mask=w_nmask[:, None] & ((g + 1) < KG),
+                 other=0)
+    return p, wb, sg
+
+
+@gluon.jit
+def _overlap_step(g, acc, p_prev, s_prev, wb, w_buf, a_smem, w_rows, a_rows, s_rows,
+                  w_nmask, a_rmask, s_nmask, KG, GROUP: gl.constexpr, STAGES: gl.constexpr,
+                  BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, mma_l: gl.constexpr):
+    """Issue wgmma(g), then promote wgmma(g - 1) while it runs, then refill the ring slot that
+    wgmma(g - 1) read. Returns (acc, token of wgmma(g), weights of g + 1, scale of g)."""
+    p, wb, sg = _issue_step(g, wb, w_buf, a_smem, w_rows, s_rows, w_nmask, s_nmask, KG,
+                            GROUP, STAGES, BLOCK_N, BLOCK_M, mma_l)
+    done = warpgroup_mma_wait(1, deps=(p_prev,))
+    acc += done * s_prev[:, None]
+    _cta_barrier()   # every warpgroup's wgmma(g - 1) finished: its buffers are free
+    _issue_copy(g - 1 + STAGES, a_smem, a_rows, a_rmask, KG, GROUP, STAGES)
+    return acc, p, wb, sg
+
+
+@gluon.jit
+def w4a8_grouped_gemm_wgmma_kernel(
+    a_ptr, a_scale_ptr, w_ptr, s_ptr, chan_ptr, off_ptr, out_ptr,
+    R, N, K, E,
+    GROUP: gl.constexpr, HAS_CHAN: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_E: gl.constexpr, STAGES: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    """Arguments as w4a8_grouped_gemm_kernel's (w: uint8 view of layout v3)."""
+    vec_l: gl.constexpr = _vec_layout(num_warps)
+    w_l: gl.constexpr = _rows_blocked(GROUP // 2, 16, num_warps)
+    a_l: gl.constexpr = _rows_blocked(GROUP, 16, num_warps)
+    mma_l: gl.constexpr = _mma_layout(BLOCK_M, num_warps)
+    out_l: gl.constexpr = _out_blocked(num_warps)
+    w_sl: gl.constexpr = _fp8_smem_layout(GROUP)
+    a_sl: gl.constexpr = _fp8_smem_layout(GROUP)
+
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+
+    # ---- per-expert row ranges, clamped and monotone, and the m-tile list (device side) ----
+    eidx = gl.arange(0, BLOCK_E, layout=vec_l)
+    emask = eidx < E
+    lo_off = gl.load(off_ptr + eidx, mask=emask, other=0).to(gl.int64)
+    hi_off = gl.load(off_ptr + eidx + 1, mask=emask, other=0).to(gl.int64)
+    lo_off = gl.minimum(gl.maximum(lo_off, 0), R)
+    hi_off = gl.minimum(gl.maximum(hi_off, 0), R)
+    start = gl.associative_scan(lo_off, 0, _max_combine)
+    end = gl.maximum(gl.associative_scan(hi_off, 0, _max_combine), start)
+    count = gl.where(emask, end - start, 0)
+    m_tiles = (count + BLOCK_M - 1) // BLOCK_M
+    cum_tiles = gl.associative_scan(m_tiles, 0, _add_combine)
+    total_m = gl.sum(m_tiles, 0).to(gl.int32)
+    n_tiles = gl.cdiv(N, BLOCK_N)
+    total = total_m * n_tiles
+
+    KH = K // 2
+    KG = K // GROUP
+    w_smem = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_N, GROUP], w_sl)
+    a_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_M, GROUP], a_sl)
+
+    wn = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, w_l))
+    wk = gl.arange(0, GROUP // 2, layout=gl.SliceLayout(0, w_l))
+    am = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, a_l))
+    ak = gl.arange(0, GROUP, layout=gl.SliceLayout(0, a_l))
+    sn = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_l))
+    on = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out_l))
+    om = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, out_l))
+
+    for tile in range(pid, total, nprog):
+        mt = tile // n_tiles
+        nt = tile % n_tiles
+        # expert of this m-tile: number of experts whose inclusive tile cumsum is <= mt
+        e = gl.sum((cum_tiles <= mt).to(gl.int32), 0)
+        sel = eidx == e
+        row0 = gl.sum(gl.where(sel, start, 0), 0)
+        cnt = gl.sum(gl.where(sel, count, 0), 0)
+        first = gl.sum(gl.where(sel, cum_tiles - m_tiles, 0), 0)
+        m0 = (mt - first) * BLOCK_M
+        n0 = nt * BLOCK_N
+        e64 = e.to(gl.int64)
+
+        w_nmask = (n0 + wn) < N
+        w_rows = w_ptr + e64 * N * KH + (n0 + wn).to(gl.int64)[:, None] * KH + wk[None, :]
+        a_rmask = (m0 + am) < cnt
+        a_rows = a_ptr + (row0 + m0 + am)[:, None] * K + ak[None, :]          # int64 rows
+        s_nmask = (n0 + sn) < N
+        s_rows = s_ptr + e64 * N * KG + (n0 + sn).to(gl.int64) * KG
+
+        # prologue: activations of groups 0 .. STAGES - 2 in flight, weights of group 0 loaded
+        for st in gl.static_range(STAGES - 1):
+            _issue_copy(st, a_smem, a_rows, a_rmask, KG, GROUP, STAGES)
+        wb = gl.load(w_rows, mask=w_nmask[:, None], other=0)
+
+        acc = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, layout=mma_l)
+        # Four groups per iteration, two accumulators alternating: wgmma(g) runs while
+        # wgmma(g - 1) is promoted. No wgmma is in flight across the loop's back edge: carrying
+        # an in-flight accumulator through the loop makes the compiler copy its registers,
+        # which serializes every wgmma (ptxas C7514). A group count that is not a multiple of
+        # four runs masked all-zero groups at the end (zero weights, zero scales).
+        for g in range(0, KG, 4):
+            pa, wb, sg0 = _issue_step(g, wb, w_smem.index(0), a_smem, w_rows, s_rows, w_nmask,
+                                      s_nmask, KG, GROUP, STAGES, BLOCK_N, BLOCK_M, mma_l)
+            # wgmma(g - 1) finished in the previous iteration: its ring slot is free
+            _issue_copy(g + STAGES - 1, a_smem, a_rows, a_rmask, KG, GROUP, STAGES)
+            acc, pb, wb, sg1 = _overlap_step(g + 1, acc, pa, sg0, wb, w_smem.index(1), a_smem,
+                                             w_rows, a_rows, s_rows, w_nmask, a_rmask, s_nmask,
+                                             KG, GROUP, STAGES, BLOCK_N, BLOCK_M, mma_l)
+            acc, pa, wb, sg2 = _overlap_step(g + 2, acc, pb, sg1, wb, w_smem.index(0), a_smem,
+                                             w_rows, a_rows, s_rows, w_nmask, a_rmask, s_nmask,
+                                             KG, GROUP, STAGES, BLOCK_N, BLOCK_M, mma_l)
+            acc, pb, wb, sg3 = _overlap_step(g + 3, acc, pa, sg2, wb, w_smem.index(1), a_smem,
+                                             w_rows, a_rows, s_rows, w_nmask, a_rmask, s_nmask,
+                                             KG, GROUP, STAGES, BLOCK_N, BLOCK_M, mma_l)
+            done = warpgroup_mma_wait(0, deps=(pb,))
+            acc += done * sg3[:, None]
+            _cta_barrier()   # wgmma(g + 3) finished in every warpgroup: its buffers are free
+        async_copy.wait_group(0)
+        _cta_barrier()   # the next tile's prologue overwrites the ring
+
+        if HAS_CHAN:
+            chan = gl.load(chan_ptr + e64 * N + (n0 + sn), mask=s_nmask, other=0.0)
+            acc = acc * chan[:, None]
+        out = gl.convert_layout(acc, out_l)
+        o_rmask = (m0 + om) < cnt
+        o_rows = row0 + m0 + om                                               # int64
+        a_sc = gl.load(a_scale_ptr + o_rows, mask=o_rmask, other=0.0)
+        out = (out * a_sc[None, :]).to(gl.bfloat16)
+        o_nmask = (n0 + on) < N
+        gl.store(out_ptr + o_rows[None, :] * N + (n0 + on).to(gl.int64)[:, None], out,
+                 mask=o_nmask[:, None] & o_rmask[None, :])
