@@ -25,7 +25,7 @@ from inductor_w4a8.testing import GEMM_TOL_GPU, rel_error  # noqa: E402
 CANDIDATES = {
     "w64x128s3": GemmTile(64, 128, 8, 3, 1, kernel="wgmma"),
     "w64x128s4": GemmTile(64, 128, 8, 4, 1, kernel="wgmma"),
-    "w128x128s3": GemmTile(128, 128, 8, 3, 1, kernel="wgmma"),
+    "w64x128s5": GemmTile(64, 128, 8, 5, 1, kernel="wgmma"),
     "w64x64s3": GemmTile(64, 64, 4, 3, 2, kernel="wgmma"),
 }
 CASES = [  # R, E, N, K, G, empty, mode

@@ -67,7 +67,9 @@ def _mma_layout(block_m, num_warps):
 
 @gluon.constexpr_function
 def _fp8_smem_layout(cols):
-    return gl.NVMMASharedLayout(swizzle_byte_width=min(128, cols), element_bitwidth=8, rank=2)
+    """Shared layout of [rows, cols] bytes (the wgmma operands, and the int4 ring)."""
+    return gl.NVMMASharedLayout(swizzle_byte_width=min(128, cols) if cols >= 32 else 0,
+                                element_bitwidth=8, rank=2)
 
 
 @gluon.jit
@@ -88,46 +90,59 @@ def _decode_group(wb, BLOCK_N: gl.constexpr, GROUP: gl.constexpr):
 
 
 @gluon.jit
-def _issue_copy(grp, a_smem, a_rows, a_rmask, KG, GROUP: gl.constexpr, STAGES: gl.constexpr):
-    """cp.async of group grp's activations into its ring slot (nothing read past the last group
-    or past the expert's rows)."""
-    _cp_async(a_smem.index(grp % STAGES), a_rows + grp * GROUP,
-              mask=a_rmask[:, None] & (grp < KG))
+def _issue_copy(grp, a_ring, w_ring, a_rows, w_rows, a_rmask, w_nmask, KG,
+                GROUP: gl.constexpr, STAGES: gl.constexpr):
+    """cp.async of group grp's activations and int4 weights into ring slot grp % STAGES (one
+    commit group; nothing is read past the last group, the expert's rows or N)."""
+    live = grp < KG
+    _cp_async(a_ring.index(grp % STAGES), a_rows + grp * GROUP, mask=a_rmask[:, None] & live)
+    _cp_async(w_ring.index(grp % STAGES), w_rows + grp * (GROUP // 2),
+              mask=w_nmask[:, None] & live)
     async_copy.commit_group()
 
 
 @gluon.jit
-def _issue_step(g, wb, w_buf, a_smem, w_rows, s_rows, w_nmask, s_nmask, KG,
-                GROUP: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
-                BLOCK_M: gl.constexpr, mma_l: gl.constexpr):
-    """Convert group g's weights into w_buf and issue wgmma(g) (asynchronous); load group
-    g + 1's weights. Returns (token of wgmma(g), weights of g + 1, scale of g)."""
+def _stage_weights(grp, w_ring, w_buf, GROUP: gl.constexpr, STAGES: gl.constexpr,
+                   BLOCK_N: gl.constexpr, w_l: gl.constexpr):
+    """Wait for group grp's copies, decode its int4 weights to e4m3 into w_buf. Each thread
+    reads back exactly the bytes its own cp.async wrote (same layout), so only its own
+    wait is needed; the caller's barrier publishes w_buf and the activations to the wgmma."""
+    async_copy.wait_group(STAGES - 2)
+    wb = w_ring.index(grp % STAGES).load(w_l)
     w_buf.store(_decode_group(wb, BLOCK_N, GROUP))
-    async_copy.wait_group(STAGES - 2)      # this thread's copies of group g landed
-    _cta_barrier()                          # ... and every thread's, and the weights
     fence_async_shared()
-    p = warpgroup_mma(w_buf, a_smem.index(g % STAGES).permute((1, 0)),
-                      gl.zeros((BLOCK_N, BLOCK_M), gl.float32, layout=mma_l),
-                      use_acc=False, is_async=True)
-    sg = gl.load(s_rows + g, mask=s_nmask & (g < KG), other=0.0).to(gl.float32)
-    wb = gl.load(w_rows + (g + 1) * (GROUP // 2), mask=w_nmask[:, None] & ((g + 1) < KG),
-                 other=0)
-    return p, wb, sg
 
 
 @gluon.jit
-def _overlap_step(g, acc, p_prev, s_prev, wb, w_buf, a_smem, w_rows, a_rows, s_rows,
-                  w_nmask, a_rmask, s_nmask, KG, GROUP: gl.constexpr, STAGES: gl.constexpr,
-                  BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, mma_l: gl.constexpr):
-    """Issue wgmma(g), then promote wgmma(g - 1) while it runs, then refill the ring slot that
-    wgmma(g - 1) read. Returns (acc, token of wgmma(g), weights of g + 1, scale of g)."""
-    p, wb, sg = _issue_step(g, wb, w_buf, a_smem, w_rows, s_rows, w_nmask, s_nmask, KG,
-                            GROUP, STAGES, BLOCK_N, BLOCK_M, mma_l)
+def _scales(s_rows, s_nmask, grp, KG):
+    return gl.load(s_rows + grp, mask=s_nmask & (grp < KG), other=0.0).to(gl.float32)
+
+
+@gluon.jit
+def _mma(g, w_buf, a_ring, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+         mma_l: gl.constexpr):
+    return warpgroup_mma(w_buf, a_ring.index(g % STAGES).permute((1, 0)),
+                         gl.zeros((BLOCK_N, BLOCK_M), gl.float32, layout=mma_l),
+                         use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _overlap_step(g, acc, p_prev, s_prev, w_buf, w_next, a_ring, w_ring, a_rows, w_rows,
+                  a_rmask, w_nmask, KG, GROUP: gl.constexpr, STAGES: gl.constexpr,
+                  BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, mma_l: gl.constexpr,
+                  w_l: gl.constexpr):
+    """Issue wgmma(g) on w_buf; promote wgmma(g - 1) while it runs; refill the ring slot and
+    the weight buffer wgmma(g - 1) read; decode group g + 1 into w_next (= that buffer).
+    Returns (acc, token of wgmma(g))."""
+    p = _mma(g, w_buf, a_ring, STAGES, BLOCK_N, BLOCK_M, mma_l)
     done = warpgroup_mma_wait(1, deps=(p_prev,))
     acc += done * s_prev[:, None]
     _cta_barrier()   # every warpgroup's wgmma(g - 1) finished: its buffers are free
-    _issue_copy(g - 1 + STAGES, a_smem, a_rows, a_rmask, KG, GROUP, STAGES)
-    return acc, p, wb, sg
+    _issue_copy(g + STAGES - 1, a_ring, w_ring, a_rows, w_rows, a_rmask, w_nmask, KG,
+                GROUP, STAGES)
+    _stage_weights(g + 1, w_ring, w_next, GROUP, STAGES, BLOCK_N, w_l)
+    _cta_barrier()
+    return acc, p
 
 
 @gluon.jit
@@ -146,6 +161,7 @@ def w4a8_grouped_gemm_wgmma_kernel(
     out_l: gl.constexpr = _out_blocked(num_warps)
     w_sl: gl.constexpr = _fp8_smem_layout(GROUP)
     a_sl: gl.constexpr = _fp8_smem_layout(GROUP)
+    wr_sl: gl.constexpr = _fp8_smem_layout(GROUP // 2)
 
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
@@ -169,7 +185,8 @@ def w4a8_grouped_gemm_wgmma_kernel(
     KH = K // 2
     KG = K // GROUP
     w_smem = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_N, GROUP], w_sl)
-    a_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_M, GROUP], a_sl)
+    a_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_M, GROUP], a_sl)
+    w_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, GROUP // 2], wr_sl)
 
     wn = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, w_l))
     wk = gl.arange(0, GROUP // 2, layout=gl.SliceLayout(0, w_l))
@@ -199,34 +216,47 @@ def w4a8_grouped_gemm_wgmma_kernel(
         s_nmask = (n0 + sn) < N
         s_rows = s_ptr + e64 * N * KG + (n0 + sn).to(gl.int64) * KG
 
-        # prologue: activations of groups 0 .. STAGES - 2 in flight, weights of group 0 loaded
+        # prologue: groups 0 .. STAGES - 2 in flight, group 0's weights decoded
         for st in gl.static_range(STAGES - 1):
-            _issue_copy(st, a_smem, a_rows, a_rmask, KG, GROUP, STAGES)
-        wb = gl.load(w_rows, mask=w_nmask[:, None], other=0)
+            _issue_copy(st, a_ring, w_ring, a_rows, w_rows, a_rmask, w_nmask, KG, GROUP, STAGES)
+        _stage_weights(0, w_ring, w_smem.index(0), GROUP, STAGES, BLOCK_N, w_l)
+        _cta_barrier()
+        s0 = _scales(s_rows, s_nmask, 0, KG)
+        s1 = _scales(s_rows, s_nmask, 1, KG)
+        s2 = _scales(s_rows, s_nmask, 2, KG)
+        s3 = _scales(s_rows, s_nmask, 3, KG)
 
         acc = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, layout=mma_l)
         # Four groups per iteration, two accumulators alternating: wgmma(g) runs while
-        # wgmma(g - 1) is promoted. No wgmma is in flight across the loop's back edge: carrying
-        # an in-flight accumulator through the loop makes the compiler copy its registers,
-        # which serializes every wgmma (ptxas C7514). A group count that is not a multiple of
-        # four runs masked all-zero groups at the end (zero weights, zero scales).
+        # wgmma(g - 1) is promoted and group g + 1's weights are decoded. No wgmma is in flight
+        # across the loop's back edge: carrying an in-flight accumulator through the loop makes
+        # the compiler copy its registers, which serializes every wgmma (ptxas C7514). A group
+        # count that is not a multiple of four runs masked all-zero groups at the end (zero
+        # weights, zero scales). Scales are loaded one iteration ahead (HBM latency).
         for g in range(0, KG, 4):
-            pa, wb, sg0 = _issue_step(g, wb, w_smem.index(0), a_smem, w_rows, s_rows, w_nmask,
-                                      s_nmask, KG, GROUP, STAGES, BLOCK_N, BLOCK_M, mma_l)
-            # wgmma(g - 1) finished in the previous iteration: its ring slot is free
-            _issue_copy(g + STAGES - 1, a_smem, a_rows, a_rmask, KG, GROUP, STAGES)
-            acc, pb, wb, sg1 = _overlap_step(g + 1, acc, pa, sg0, wb, w_smem.index(1), a_smem,
-                                             w_rows, a_rows, s_rows, w_nmask, a_rmask, s_nmask,
-                                             KG, GROUP, STAGES, BLOCK_N, BLOCK_M, mma_l)
-            acc, pa, wb, sg2 = _overlap_step(g + 2, acc, pb, sg1, wb, w_smem.index(0), a_smem,
-                                             w_rows, a_rows, s_rows, w_nmask, a_rmask, s_nmask,
-                                             KG, GROUP, STAGES, BLOCK_N, BLOCK_M, mma_l)
-            acc, pb, wb, sg3 = _overlap_step(g + 3, acc, pa, sg2, wb, w_smem.index(1), a_smem,
-                                             w_rows, a_rows, s_rows, w_nmask, a_rmask, s_nmask,
-                                             KG, GROUP, STAGES, BLOCK_N, BLOCK_M, mma_l)
+            n0_ = _scales(s_rows, s_nmask, g + 4, KG)
+            n1_ = _scales(s_rows, s_nmask, g + 5, KG)
+            n2_ = _scales(s_rows, s_nmask, g + 6, KG)
+            n3_ = _scales(s_rows, s_nmask, g + 7, KG)
+            pa = _mma(g, w_smem.index(0), a_ring, STAGES, BLOCK_N, BLOCK_M, mma_l)
+            # wgmma(g - 1) finished in the previous iteration: its ring slot and buffer are free
+            _issue_copy(g + STAGES - 1, a_ring, w_ring, a_rows, w_rows, a_rmask, w_nmask, KG,
+                        GROUP, STAGES)
+            _stage_weights(g + 1, w_ring, w_smem.index(1), GROUP, STAGES, BLOCK_N, w_l)
+            _cta_barrier()
+            acc, pb = _overlap_step(g + 1, acc, pa, s0, w_smem.index(1), w_smem.index(0),
+                                    a_ring, w_ring, a_rows, w_rows, a_rmask, w_nmask, KG,
+                                    GROUP, STAGES, BLOCK_N, BLOCK_M, mma_l, w_l)
+            acc, pa = _overlap_step(g + 2, acc, pb, s1, w_smem.index(0), w_smem.index(1),
+                                    a_ring, w_ring, a_rows, w_rows, a_rmask, w_nmask, KG,
+                                    GROUP, STAGES, BLOCK_N, BLOCK_M, mma_l, w_l)
+            acc, pb = _overlap_step(g + 3, acc, pa, s2, w_smem.index(1), w_smem.index(0),
+                                    a_ring, w_ring, a_rows, w_rows, a_rmask, w_nmask, KG,
+                                    GROUP, STAGES, BLOCK_N, BLOCK_M, mma_l, w_l)
             done = warpgroup_mma_wait(0, deps=(pb,))
-            acc += done * sg3[:, None]
+            acc += done * s3[:, None]
             _cta_barrier()   # wgmma(g + 3) finished in every warpgroup: its buffers are free
+            s0, s1, s2, s3 = n0_, n1_, n2_, n3_
         async_copy.wait_group(0)
         _cta_barrier()   # the next tile's prologue overwrites the ring
 
