@@ -23,10 +23,10 @@ from inductor_w4a8.launch.gemm_tiles import GemmTile, choose_tile  # noqa: E402
 from inductor_w4a8.testing import GEMM_TOL_GPU, rel_error  # noqa: E402
 
 CANDIDATES = {
-    "w64x128s3": GemmTile(64, 128, 8, 3, 1, kernel="wgmma"),
+    "w128x128s4": GemmTile(128, 128, 8, 4, 1, kernel="wgmma"),
+    "w128x128s3": GemmTile(128, 128, 8, 3, 1, kernel="wgmma"),
     "w64x128s4": GemmTile(64, 128, 8, 4, 1, kernel="wgmma"),
-    "w64x128s5": GemmTile(64, 128, 8, 5, 1, kernel="wgmma"),
-    "w64x64s3": GemmTile(64, 64, 4, 3, 2, kernel="wgmma"),
+    "w64x64s4p2": GemmTile(64, 64, 4, 4, 2, kernel="wgmma"),
 }
 CASES = [  # R, E, N, K, G, empty, mode
     (1, 1, 200, 384, 128, 0, "fp8"), (511, 7, 72, 352, 32, 2, "exact"),
@@ -69,7 +69,7 @@ def timings(log, m_list=(1, 64, 256, 1024, 4096, 8192)):
         row = {"M": M}
         variants = [("table", None)] + list(CANDIDATES.items())
         for name, tile in variants:
-            for mode in ("fp8", "exact") if name in ("table", "w64x128s3") else ("fp8",):
+            for mode in ("fp8", "exact") if name in ("table", "w128x128s4") else ("fp8",):
                 t = 0.0
                 for a, s, wt in ((a1, s1, w13), (a2, s2, w2)):
                     K = a.shape[1]

@@ -93,11 +93,11 @@ def _decode_group(wb, BLOCK_N: gl.constexpr, GROUP: gl.constexpr):
 def _issue_copy(grp, a_ring, w_ring, a_rows, w_rows, a_rmask, w_nmask, KG,
                 GROUP: gl.constexpr, STAGES: gl.constexpr):
     """cp.async of group grp's activations and int4 weights into ring slot grp % STAGES (one
-    commit group; nothing is read past the last group, the expert's rows or N)."""
-    live = grp < KG
-    _cp_async(a_ring.index(grp % STAGES), a_rows + grp * GROUP, mask=a_rmask[:, None] & live)
-    _cp_async(w_ring.index(grp % STAGES), w_rows + grp * (GROUP // 2),
-              mask=w_nmask[:, None] & live)
+    commit group). Past the last group the last one is copied again: its MMA then meets zero
+    scales, and the masks stay loop-invariant (rows of the expert, n < N)."""
+    src = gl.minimum(grp, KG - 1)
+    _cp_async(a_ring.index(grp % STAGES), a_rows + src * GROUP, mask=a_rmask)
+    _cp_async(w_ring.index(grp % STAGES), w_rows + src * (GROUP // 2), mask=w_nmask)
     async_copy.commit_group()
 
 
@@ -209,9 +209,9 @@ def w4a8_grouped_gemm_wgmma_kernel(
         n0 = nt * BLOCK_N
         e64 = e.to(gl.int64)
 
-        w_nmask = (n0 + wn) < N
+        w_nmask = ((n0 + wn) < N)[:, None]
         w_rows = w_ptr + e64 * N * KH + (n0 + wn).to(gl.int64)[:, None] * KH + wk[None, :]
-        a_rmask = (m0 + am) < cnt
+        a_rmask = ((m0 + am) < cnt)[:, None]
         a_rows = a_ptr + (row0 + m0 + am)[:, None] * K + ak[None, :]          # int64 rows
         s_nmask = (n0 + sn) < N
         s_rows = s_ptr + e64 * N * KG + (n0 + sn).to(gl.int64) * KG
@@ -223,21 +223,16 @@ def w4a8_grouped_gemm_wgmma_kernel(
         _cta_barrier()
         s0 = _scales(s_rows, s_nmask, 0, KG)
         s1 = _scales(s_rows, s_nmask, 1, KG)
-        s2 = _scales(s_rows, s_nmask, 2, KG)
-        s3 = _scales(s_rows, s_nmask, 3, KG)
 
         acc = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, layout=mma_l)
-        # Four groups per iteration, two accumulators alternating: wgmma(g) runs while
-        # wgmma(g - 1) is promoted and group g + 1's weights are decoded. No wgmma is in flight
-        # across the loop's back edge: carrying an in-flight accumulator through the loop makes
-        # the compiler copy its registers, which serializes every wgmma (ptxas C7514). A group
-        # count that is not a multiple of four runs masked all-zero groups at the end (zero
-        # weights, zero scales). Scales are loaded one iteration ahead (HBM latency).
-        for g in range(0, KG, 4):
-            n0_ = _scales(s_rows, s_nmask, g + 4, KG)
-            n1_ = _scales(s_rows, s_nmask, g + 5, KG)
-            n2_ = _scales(s_rows, s_nmask, g + 6, KG)
-            n3_ = _scales(s_rows, s_nmask, g + 7, KG)
+        # Two groups per iteration, two accumulators: wgmma(g + 1) runs while wgmma(g) is
+        # promoted and group g + 2's weights are decoded. No wgmma is in flight across the
+        # loop's back edge: carrying an in-flight accumulator through the loop makes the
+        # compiler copy its registers, which serializes every wgmma (ptxas C7514). An odd group
+        # count runs one group of zero scales at the end. Scales load one iteration ahead.
+        for g in range(0, KG, 2):
+            n0_ = _scales(s_rows, s_nmask, g + 2, KG)
+            n1_ = _scales(s_rows, s_nmask, g + 3, KG)
             pa = _mma(g, w_smem.index(0), a_ring, STAGES, BLOCK_N, BLOCK_M, mma_l)
             # wgmma(g - 1) finished in the previous iteration: its ring slot and buffer are free
             _issue_copy(g + STAGES - 1, a_ring, w_ring, a_rows, w_rows, a_rmask, w_nmask, KG,
@@ -247,16 +242,10 @@ def w4a8_grouped_gemm_wgmma_kernel(
             acc, pb = _overlap_step(g + 1, acc, pa, s0, w_smem.index(1), w_smem.index(0),
                                     a_ring, w_ring, a_rows, w_rows, a_rmask, w_nmask, KG,
                                     GROUP, STAGES, BLOCK_N, BLOCK_M, mma_l, w_l)
-            acc, pa = _overlap_step(g + 2, acc, pb, s1, w_smem.index(0), w_smem.index(1),
-                                    a_ring, w_ring, a_rows, w_rows, a_rmask, w_nmask, KG,
-                                    GROUP, STAGES, BLOCK_N, BLOCK_M, mma_l, w_l)
-            acc, pb = _overlap_step(g + 3, acc, pa, s2, w_smem.index(1), w_smem.index(0),
-                                    a_ring, w_ring, a_rows, w_rows, a_rmask, w_nmask, KG,
-                                    GROUP, STAGES, BLOCK_N, BLOCK_M, mma_l, w_l)
             done = warpgroup_mma_wait(0, deps=(pb,))
-            acc += done * s3[:, None]
-            _cta_barrier()   # wgmma(g + 3) finished in every warpgroup: its buffers are free
-            s0, s1, s2, s3 = n0_, n1_, n2_, n3_
+            acc += done * s1[:, None]
+            _cta_barrier()   # wgmma(g + 1) finished in every warpgroup: its buffers are free
+            s0, s1 = n0_, n1_
         async_copy.wait_group(0)
         _cta_barrier()   # the next tile's prologue overwrites the ring
 
