@@ -10,26 +10,26 @@ every group's fp8 wgmma result is multiplied by its fp32 scale and added to an f
 that result feeds anything but the next dot's accumulator, so the promotion serializes MMA and
 math; here the wait is written by hand.
 
-One program = one out^T tile [BLOCK_N weight rows, BLOCK_M tokens], 8 warps (two warpgroups,
-64 weight rows each). K step g (one quantization group):
-  1. the int4 words of group g (loaded into registers one step ahead) become exact e4m3 q by
-     the layout-v3 PRMT lookup (kernels/int4_decode.py) and are stored to a shared buffer
-     (two buffers, alternating);
-  2. wgmma(g) is issued asynchronously on (weights, activations) in shared memory;
-  3. wait until only wgmma(g) is in flight, then promote wgmma(g - 1): acc += p * s[g - 1];
-  4. the activations of group g + STAGES - 1 are copied into the ring by cp.async (masked
-     rows read nothing), and the weights / scales of group g + 1 are loaded.
-So the tensor cores run wgmma(g) while the warps convert, promote and issue loads.
+One program = one out^T tile [BLOCK_N weight rows, BLOCK_M tokens]; with 8 warps two
+warpgroups of 64 weight rows each. Per tile: the group scales go to a shared table, and the
+activations and int4 weights of each group (one K step = one quantization group) stream
+through a STAGES-deep cp.async ring. K step g:
+  1. wgmma(g) is issued asynchronously on (e4m3 weights, activations), both in shared memory;
+  2. wait until only wgmma(g) is in flight, then promote wgmma(g - 1): acc += p * s[g - 1];
+  3. group g + 1's int4 weights are read back from the ring and decoded to exact e4m3 q by the
+     layout-v3 PRMT lookup (kernels/int4_decode.py) into the other weight buffer;
+  4. group g + STAGES - 1's copies are issued into the slot wgmma(g - 1) read.
+So the tensor cores run wgmma(g) while the warps promote, decode and issue copies. Two groups
+per loop iteration (two accumulators, no wgmma in flight across the back edge).
 
 Device-side tile list, clamping of offsets, int64 row addressing and the persistent grid are
 the same as the Triton kernel's (any offsets are memory-safe, no host sync).
 """
-import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (
-    fence_async_shared, warpgroup_mma, warpgroup_mma_init, warpgroup_mma_wait)
+    fence_async_shared, warpgroup_mma, warpgroup_mma_wait)
 
 from .int4_decode import s4_tile_to_fp8_asm
 
@@ -41,8 +41,22 @@ else:
 _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
 
 
+@gluon.jit
+def _reinterpret_new(smem, dtype: gl.constexpr, shape: gl.constexpr, layout: gl.constexpr):
+    return smem.reinterpret(dtype, shape, layout)
+
+
+@gluon.jit
+def _reinterpret_old(smem, dtype: gl.constexpr, shape: gl.constexpr, layout: gl.constexpr):
+    return smem._reinterpret(dtype, shape, layout)
+
+
+_smem_reinterpret = (_reinterpret_new if hasattr(gl.shared_memory_descriptor, "reinterpret")
+                     else _reinterpret_old)
+
+
 @gluon.constexpr_function
-def _rows_blocked(cols, vec, num_warps, dim0_fast=False):
+def _rows_blocked(cols, vec, num_warps):
     """A blocked layout of [rows, cols] with `vec` contiguous elements of a row per thread."""
     tpc = max(1, min(32, cols // vec))
     return gl.BlockedLayout([1, vec], [32 // tpc, tpc], [num_warps, 1], [1, 0])
@@ -106,16 +120,34 @@ def _stage_weights(grp, w_ring, w_buf, GROUP: gl.constexpr, STAGES: gl.constexpr
                    BLOCK_N: gl.constexpr, w_l: gl.constexpr):
     """Wait for group grp's copies, decode its int4 weights to e4m3 into w_buf. Each thread
     reads back exactly the bytes its own cp.async wrote (same layout), so only its own
-    wait is needed; the caller's barrier publishes w_buf and the activations to the wgmma."""
-    async_copy.wait_group(STAGES - 2)
+    wait is needed; the caller's barrier publishes w_buf and the activations to the wgmma.
+    Called before the step's own copy is issued: STAGES - 3 copy groups may stay in flight.
+    The proxy fence compiles to MEMBAR.ALL.CTA, which waits for this thread's outstanding
+    memory operations: so no global load may be in flight here that is not needed yet (the
+    scales come from shared memory, the next copy is issued after the fence)."""
+    async_copy.wait_group(STAGES - 3)
     wb = w_ring.index(grp % STAGES).load(w_l)
     w_buf.store(_decode_group(wb, BLOCK_N, GROUP))
     fence_async_shared()
 
 
 @gluon.jit
-def _scales(s_rows, s_nmask, grp, KG):
-    return gl.load(s_rows + grp, mask=s_nmask & (grp < KG), other=0.0).to(gl.float32)
+def _scales(s_smem, grp, mma_l: gl.constexpr):
+    """fp32 scales [BLOCK_N] of group grp (zero past the last group) from the tile's table."""
+    return s_smem.index(grp).load(gl.SliceLayout(1, mma_l)).to(gl.float32)
+
+
+@gluon.jit
+def _load_scale_table(s_smem, s_ptr, e64, n0, N, KG, BLOCK_N: gl.constexpr,
+                      KG_PAD: gl.constexpr, num_warps: gl.constexpr):
+    """All group scales of the tile, [KG_PAD, BLOCK_N] in shared memory (zero for n >= N and
+    for groups >= KG): one load latency per tile instead of a global load in the K loop."""
+    s_l: gl.constexpr = gl.BlockedLayout([1, 1], [32, 1], [1, num_warps], [0, 1])
+    sn = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_l))
+    sg = gl.arange(0, KG_PAD, layout=gl.SliceLayout(0, s_l))
+    ptrs = s_ptr + e64 * N * KG + (n0 + sn).to(gl.int64)[:, None] * KG + sg[None, :]
+    tab = gl.load(ptrs, mask=((n0 + sn) < N)[:, None] & (sg < KG)[None, :], other=0.0)
+    s_smem.store(gl.permute(tab, (1, 0)))
 
 
 @gluon.jit
@@ -138,9 +170,9 @@ def _overlap_step(g, acc, p_prev, s_prev, w_buf, w_next, a_ring, w_ring, a_rows,
     done = warpgroup_mma_wait(1, deps=(p_prev,))
     acc += done * s_prev[:, None]
     _cta_barrier()   # every warpgroup's wgmma(g - 1) finished: its buffers are free
+    _stage_weights(g + 1, w_ring, w_next, GROUP, STAGES, BLOCK_N, w_l)
     _issue_copy(g + STAGES - 1, a_ring, w_ring, a_rows, w_rows, a_rmask, w_nmask, KG,
                 GROUP, STAGES)
-    _stage_weights(g + 1, w_ring, w_next, GROUP, STAGES, BLOCK_N, w_l)
     _cta_barrier()
     return acc, p
 
@@ -151,9 +183,12 @@ def w4a8_grouped_gemm_wgmma_kernel(
     R, N, K, E,
     GROUP: gl.constexpr, HAS_CHAN: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_E: gl.constexpr, STAGES: gl.constexpr,
-    num_warps: gl.constexpr,
+    KG_PAD: gl.constexpr, num_warps: gl.constexpr,
 ):
-    """Arguments as w4a8_grouped_gemm_kernel's (w: uint8 view of layout v3)."""
+    """Arguments as w4a8_grouped_gemm_kernel's (w: uint8 view of layout v3). STAGES >= 3;
+    KG_PAD: a power of two > K // GROUP (the scale table's rows, one spare for the odd
+    count's zero group)."""
+    gl.static_assert(STAGES >= 3, "the ring keeps STAGES - 3 copy groups in flight at each wait")
     vec_l: gl.constexpr = _vec_layout(num_warps)
     w_l: gl.constexpr = _rows_blocked(GROUP // 2, 16, num_warps)
     a_l: gl.constexpr = _rows_blocked(GROUP, 16, num_warps)
@@ -187,6 +222,11 @@ def w4a8_grouped_gemm_wgmma_kernel(
     w_smem = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_N, GROUP], w_sl)
     a_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_M, GROUP], a_sl)
     w_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, GROUP // 2], wr_sl)
+    # the scale table: stored as one [KG_PAD, BLOCK_N] tile, read as KG_PAD rows of [BLOCK_N]
+    s_tab = gl.allocate_shared_memory(s_ptr.dtype.element_ty, [KG_PAD, BLOCK_N],
+                                      gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    s_smem = _smem_reinterpret(s_tab, s_ptr.dtype.element_ty, [KG_PAD, BLOCK_N],
+                               gl.SwizzledSharedLayout(1, 1, 1, [0]))
 
     wn = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, w_l))
     wk = gl.arange(0, GROUP // 2, layout=gl.SliceLayout(0, w_l))
@@ -214,38 +254,34 @@ def w4a8_grouped_gemm_wgmma_kernel(
         a_rmask = ((m0 + am) < cnt)[:, None]
         a_rows = a_ptr + (row0 + m0 + am)[:, None] * K + ak[None, :]          # int64 rows
         s_nmask = (n0 + sn) < N
-        s_rows = s_ptr + e64 * N * KG + (n0 + sn).to(gl.int64) * KG
 
-        # prologue: groups 0 .. STAGES - 2 in flight, group 0's weights decoded
+        # prologue: the tile's scale table, groups 0 .. STAGES - 2 in flight, group 0 decoded
+        _load_scale_table(s_tab, s_ptr, e64, n0, N, KG, BLOCK_N, KG_PAD, num_warps)
         for st in gl.static_range(STAGES - 1):
             _issue_copy(st, a_ring, w_ring, a_rows, w_rows, a_rmask, w_nmask, KG, GROUP, STAGES)
         _stage_weights(0, w_ring, w_smem.index(0), GROUP, STAGES, BLOCK_N, w_l)
         _cta_barrier()
-        s0 = _scales(s_rows, s_nmask, 0, KG)
-        s1 = _scales(s_rows, s_nmask, 1, KG)
 
         acc = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, layout=mma_l)
         # Two groups per iteration, two accumulators: wgmma(g + 1) runs while wgmma(g) is
         # promoted and group g + 2's weights are decoded. No wgmma is in flight across the
         # loop's back edge: carrying an in-flight accumulator through the loop makes the
         # compiler copy its registers, which serializes every wgmma (ptxas C7514). An odd group
-        # count runs one group of zero scales at the end. Scales load one iteration ahead.
+        # count runs one group of zero scales at the end.
         for g in range(0, KG, 2):
-            n0_ = _scales(s_rows, s_nmask, g + 2, KG)
-            n1_ = _scales(s_rows, s_nmask, g + 3, KG)
             pa = _mma(g, w_smem.index(0), a_ring, STAGES, BLOCK_N, BLOCK_M, mma_l)
             # wgmma(g - 1) finished in the previous iteration: its ring slot and buffer are free
+            _stage_weights(g + 1, w_ring, w_smem.index(1), GROUP, STAGES, BLOCK_N, w_l)
             _issue_copy(g + STAGES - 1, a_ring, w_ring, a_rows, w_rows, a_rmask, w_nmask, KG,
                         GROUP, STAGES)
-            _stage_weights(g + 1, w_ring, w_smem.index(1), GROUP, STAGES, BLOCK_N, w_l)
             _cta_barrier()
-            acc, pb = _overlap_step(g + 1, acc, pa, s0, w_smem.index(1), w_smem.index(0),
+            acc, pb = _overlap_step(g + 1, acc, pa, _scales(s_smem, g, mma_l), w_smem.index(1),
+                                    w_smem.index(0),
                                     a_ring, w_ring, a_rows, w_rows, a_rmask, w_nmask, KG,
                                     GROUP, STAGES, BLOCK_N, BLOCK_M, mma_l, w_l)
             done = warpgroup_mma_wait(0, deps=(pb,))
-            acc += done * s1[:, None]
+            acc += done * _scales(s_smem, g + 1, mma_l)[:, None]
             _cta_barrier()   # wgmma(g + 1) finished in every warpgroup: its buffers are free
-            s0, s1 = n0_, n1_
         async_copy.wait_group(0)
         _cta_barrier()   # the next tile's prologue overwrites the ring
 
