@@ -1,4 +1,5 @@
-"""w4a8::grouped_gemm: the Triton kernel against the fp64 reference of its own inputs.
+"""w4a8::grouped_gemm: the Triton and Gluon (wgmma) kernels against the fp64 reference of their
+own inputs.
 
 CPU (CI): opcheck of the op; the Triton kernel under TRITON_INTERPRET=1 on small shapes (this
 file re-runs itself in a child process with the variable set; the interpreter rounds fp32 -> bf16
@@ -6,6 +7,9 @@ by truncation, hence its looser bound). GPU (`-m cuda`): R in {1, 511, 512, 513,
 E in {1, 7, 60, 160}, N and K not multiples of the tiles, group sizes 32/64/128, empty experts,
 both scale modes, every tile of the table, GLM-4.6 shapes, garbage offsets, CUDA-graph capture.
 Outputs are poisoned (NaN) before each run, so an unwritten element fails.
+The Gluon kernel (kernels/grouped_gemm_wgmma.py) cannot run under the interpreter: CI compiles it
+for sm_90 (cubin, and the overlap of wgmma(g) with the promotion of g - 1 present in the IR) and
+checks the launcher's fallback; the GPU tests run it on every boundary above.
 """
 import os
 
@@ -119,6 +123,65 @@ def test_shape_checks_run_on_meta_too():
 
 
 # ------------------------------------------------------------------------------------------
+# CPU: tile choice (constraints as an argument) and the Gluon kernel's sm_90 build
+# ------------------------------------------------------------------------------------------
+def test_constraints_fix_fields_and_keep_the_rest(monkeypatch):
+    from inductor_w4a8.launch.gemm_tiles import GemmConstraints, choose_tile
+    monkeypatch.setenv("W4A8_GEMM_TILE", "16,64,4,2,1")   # the removed override: ignored
+    base = choose_tile(8192 * 8, 3072, 5120, 160, 128)
+    assert base == choose_tile(8192 * 8, 3072, 5120, 160, 128, constraints=None)
+    fixed = choose_tile(8192 * 8, 3072, 5120, 160, 128,
+                        constraints=GemmConstraints(num_stages=base.num_stages + 1, kernel="wgmma"))
+    assert fixed.num_stages == base.num_stages + 1 and fixed.kernel == "wgmma"
+    assert (fixed.block_m, fixed.block_n, fixed.num_warps) == (base.block_m, base.block_n,
+                                                               base.num_warps)
+
+
+def test_table_keeps_the_triton_kernel():
+    """No row of the table picks the Gluon kernel: it measured slower at every M (docs/perf.md)."""
+    from inductor_w4a8.launch.gemm_tiles import GEMM_TILES, WGMMA_FALLBACK
+    assert all(t.kernel == "triton" for _, t in GEMM_TILES) and WGMMA_FALLBACK.kernel == "triton"
+
+
+WGMMA_BUILDS = [  # BLOCK_M, BLOCK_N, num_warps, STAGES, GROUP, HAS_CHAN
+    (128, 128, 8, 4, 128, True), (64, 128, 8, 3, 64, False), (64, 64, 4, 4, 32, True)]
+
+
+@pytest.mark.parametrize("build", WGMMA_BUILDS, ids=lambda b: "x".join(map(str, b)))
+def test_wgmma_kernel_compiles_for_sm90(build):
+    """The Gluon kernel builds for sm_90 with this triton (3.9 in CI; 3.6 on the GPU machine,
+    checked by the cuda tests), down to a cubin, and the IR keeps one wgmma in flight while the
+    previous group is promoted (a wait with pendings = 1), not a wait after every dot."""
+    triton = pytest.importorskip("triton")
+    if INTERPRETED:
+        pytest.skip("the interpreter does not compile")
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from inductor_w4a8.kernels.grouped_gemm_wgmma import w4a8_grouped_gemm_wgmma_kernel
+    bm, bn, nw, stages, group, chan = build
+    sig = dict(a_ptr="*fp8e4nv", a_scale_ptr="*fp32", w_ptr="*u8",
+               s_ptr="*fp8e4nv" if chan else "*bf16", chan_ptr="*fp32", off_ptr="*i64",
+               out_ptr="*bf16", R="i32", N="i32", K="i32", E="i32")
+    const = dict(GROUP=group, HAS_CHAN=chan, BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=256, STAGES=stages,
+                 KG_PAD=64, num_warps=nw)
+    sig.update({c: "constexpr" for c in const})
+    # what the launcher's arguments get specialized to: 16-byte aligned pointers, K % 16 == 0
+    attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 9)}
+    src = GluonASTSource(fn=w4a8_grouped_gemm_wgmma_kernel, signature=sig, constexprs=const,
+                         attrs=attrs)
+    try:
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=nw))
+    except RuntimeError as e:  # no ptxas in this triton install: nothing to check here
+        if "ptxas" in str(e).lower():
+            pytest.skip(f"triton cannot assemble for sm_90 here: {e}")
+        raise
+    assert compiled.asm.get("cubin")
+    ttgir = compiled.asm["ttgir"]
+    assert "warp_group_dot_wait" in ttgir and "pendings = 1" in ttgir
+
+
+# ------------------------------------------------------------------------------------------
 # CPU: the Triton kernel under the interpreter
 # ------------------------------------------------------------------------------------------
 if not INTERPRETED:
@@ -156,6 +219,15 @@ else:
         for _, tile in GEMM_TILES:
             out = launch(*args, tile=tile, out=poisoned_out(args))
             assert rel_error(out, ref) <= TOL_INTERP, tile
+
+    def test_interp_wgmma_tile_runs_the_fallback(seed):
+        """A Gluon tile where the Gluon kernel cannot run (here: the interpreter) runs the Triton
+        kernel's large-M tile, with the same result contract."""
+        from inductor_w4a8.launch.gemm_tiles import WGMMA_TILE
+        for mode in ("fp8", "exact"):
+            args = make_case(90, 5, 72, 256, 128, empty=1, mode=mode)
+            out = launch(*args, tile=WGMMA_TILE, out=poisoned_out(args))
+            assert rel_error(out, ref_of(args)) <= TOL_INTERP
 
     def test_interp_garbage_offsets_memory_safe(seed):
         """Offsets outside [0, R] and non-monotone: clamped and made monotone in the kernel."""
@@ -261,17 +333,22 @@ def test_cuda_graph_capture(seed):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["triton", "wgmma"])
 @pytest.mark.parametrize("N,K", [(3072, 5120), (5120, 1536)])
-def test_cuda_glm46_8192_tokens(N, K, seed):
+def test_cuda_glm46_8192_tokens(N, K, kernel, seed):
     """GLM-4.6 GEMMs at 8192 tokens x top-8 (int64 addressing: R * N > 2^31 / 8): reference on a
     subset of experts in fp32 (exact products, fp32 sums), every output element written."""
     from inductor_w4a8 import bench
+    from inductor_w4a8.launch.gemm_tiles import WGMMA_TILE
     from inductor_w4a8.launch.grouped_gemm import grouped_gemm as launch
+    if kernel == "wgmma":
+        _need_wgmma()
+    tile = WGMMA_TILE if kernel == "wgmma" else None
     E, T = 160, 8192
     wt = bench.random_weights(E, N, K, 128, "cuda")
     off = bench.route(T, E, 8, "cuda")
     a, a_scale = bench.random_activations(T * 8, K, "cuda")
-    out = launch(a, a_scale, wt.w, wt.s_fp8, wt.chan, off, 128,
+    out = launch(a, a_scale, wt.w, wt.s_fp8, wt.chan, off, 128, tile=tile,
                  out=torch.full((T * 8, N), float("nan"), dtype=torch.bfloat16, device="cuda"))
     assert bool(torch.isfinite(out).all())
     seff = formats.effective_group_scales(wt.s_fp8, wt.chan)
@@ -282,3 +359,99 @@ def test_cuda_glm46_8192_tokens(N, K, seed):
         wd = formats.dequantize_w4(q, seff[e], 128, dtype=torch.float64)
         ref = (a[lo:hi].double() @ wd.T) * a_scale[lo:hi].double()
         assert rel_error(out[lo:hi], ref) <= TOL_GPU, e
+
+
+# ------------------------------------------------------------------------------------------
+# GPU: the Gluon wgmma kernel (sm_90), same boundaries
+# ------------------------------------------------------------------------------------------
+def _wgmma_tiles():
+    from inductor_w4a8.launch.gemm_tiles import WGMMA_TILE, GemmTile
+    return [WGMMA_TILE, GemmTile(64, 128, 8, 3, 1, kernel="wgmma"),
+            GemmTile(64, 64, 4, 4, 2, kernel="wgmma")]
+
+
+def _need_wgmma():
+    from inductor_w4a8.launch.grouped_gemm import wgmma_supported
+    if not wgmma_supported(torch.device("cuda")):
+        pytest.skip("the Gluon wgmma kernel needs an sm_90 GPU")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("R", GPU_R)
+@pytest.mark.parametrize("E", GPU_E)
+def test_cuda_wgmma_vs_reference(R, E, seed):
+    _need_wgmma()
+    from inductor_w4a8.launch.gemm_tiles import WGMMA_TILE
+    from inductor_w4a8.launch.grouped_gemm import grouped_gemm as launch
+    N, K, G = GPU_NKG[(GPU_R.index(R) + GPU_E.index(E)) % len(GPU_NKG)]
+    gen = torch.Generator().manual_seed(seed)
+    for mode in ("fp8", "exact"):
+        args = make_case(R, E, N, K, G, empty=E // 3, mode=mode, device="cuda", gen=gen)
+        out = launch(*args, tile=WGMMA_TILE, out=poisoned_out(args))
+        err = rel_error(out, ref_of(args))
+        assert err <= TOL_GPU, (mode, err)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("G", [32, 64, 128])
+@pytest.mark.parametrize("groups", [1, 2, 5, 12])   # odd counts run a zero-scale group at the end
+def test_cuda_wgmma_tiles_and_group_counts(G, groups, seed):
+    _need_wgmma()
+    from inductor_w4a8.launch.grouped_gemm import grouped_gemm as launch
+    args = make_case(777, 7, 264, groups * G, G, empty=2, mode="fp8", device="cuda")
+    ref = ref_of(args)
+    for tile in _wgmma_tiles():
+        out = launch(*args, tile=tile, out=poisoned_out(args))
+        assert rel_error(out, ref) <= TOL_GPU, tile
+
+
+@pytest.mark.cuda
+def test_cuda_wgmma_positive_activations(seed):
+    _need_wgmma()
+    from inductor_w4a8.launch.gemm_tiles import WGMMA_TILE
+    from inductor_w4a8.launch.grouped_gemm import grouped_gemm as launch
+    args = make_case(4096, 16, 512, 1024, 128, mode="exact", device="cuda", positive=True)
+    assert rel_error(launch(*args, tile=WGMMA_TILE, out=poisoned_out(args)), ref_of(args)) <= TOL_GPU
+
+
+@pytest.mark.cuda
+def test_cuda_wgmma_garbage_offsets_memory_safe(seed):
+    """As test_cuda_garbage_offsets_memory_safe, for every Gluon tile: no fault, shape kept."""
+    _need_wgmma()
+    from inductor_w4a8.launch.grouped_gemm import grouped_gemm as launch
+    a, a_scale, wg, ws, chan, _, G = make_case(300, 6, 64, 384, 128, mode="fp8", device="cuda")
+    for tile in _wgmma_tiles():
+        for off in ([0, 10**12, -5, 300, 7, 2, 300], [-(10**12), 3, 3, 3, 3, 3, 10**12], [300] * 7):
+            out = launch(a, a_scale, wg, ws, chan, torch.tensor(off, device="cuda"), G, tile=tile)
+            assert out.shape == (300, 64) and out.dtype == torch.bfloat16
+    torch.cuda.synchronize()
+
+
+@pytest.mark.cuda
+def test_cuda_wgmma_graph_capture(seed):
+    """No host sync in the Gluon launch: capture once, replay with new offsets / activations."""
+    _need_wgmma()
+    from inductor_w4a8.launch.gemm_tiles import WGMMA_TILE
+    from inductor_w4a8.launch.grouped_gemm import grouped_gemm as launch
+    a, a_scale, wg, ws, chan, off, G = make_case(1000, 60, 200, 384, 128, empty=10, mode="exact",
+                                                 device="cuda")
+    static = [a.clone(), a_scale.clone(), off.clone()]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        launch(static[0], static[1], wg, ws, chan, static[2], G, tile=WGMMA_TILE)   # compile
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = launch(static[0], static[1], wg, ws, chan, static[2], G, tile=WGMMA_TILE)
+    new = make_case(1000, 60, 200, 384, 128, empty=3, mode="exact", device="cuda")
+    static[0].copy_(new[0])
+    static[1].copy_(new[1])
+    static[2].copy_(new[5])
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = reference.grouped_gemm(static[0], static[1], formats.decode_gemm_layout(wg), ws, chan,
+                                 static[2], G)
+    assert rel_error(out, ref) <= TOL_GPU

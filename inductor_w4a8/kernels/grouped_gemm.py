@@ -11,9 +11,9 @@ Design (see docs/perf.md for the measurements behind it):
     s[e, n, g] in fp32 and accumulated in fp32 (q * s is never rounded to fp8).
   * int4 -> fp8 without int -> float converts: layout v3 (formats.py) puts the 8 nibbles of one
     32-bit word exactly where the two fp8 wgmma register-fragment registers of a thread want
-    them, and three PRMT byte lookups per 4 weights (CUTLASS's int4 -> e4m3 trick, inline PTX)
-    produce exact e4m3 values of q. The interpreter path (TRITON_INTERPRET=1) does the same
-    arithmetic with plain Triton ops.
+    them, and three PRMT byte lookups per 4 weights (CUTLASS's int4 -> e4m3 trick, inline PTX,
+    kernels/int4_decode.py) produce exact e4m3 values of q. The interpreter path
+    (TRITON_INTERPRET=1) does the same arithmetic with plain Triton ops.
   * Persistent grid sized from shapes only; the (expert, m-tile, n-tile) list is derived on the
     device from expert_offsets (clamped into [0, R] and made monotone by a running max), so any
     offset values are memory-safe and no host sync is needed. Surplus programs simply find no
@@ -22,61 +22,12 @@ Design (see docs/perf.md for the measurements behind it):
 import triton
 import triton.language as tl
 
+from .int4_decode import s4_tile_to_fp8_asm, s4_tile_to_fp8_ops
+
 
 @triton.jit
 def _max_combine(x, y):
     return tl.maximum(x, y)
-
-
-@triton.jit
-def _s4_tile_to_fp8_ops(b, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
-    """uint8 [BLOCK_N, GROUP // 2] layout-v3 bytes -> fp8 q [BLOCK_N, GROUP] in natural K order.
-
-    Plain Triton ops (the interpreter path): u = n ^ 8 = q + 8, and 0x6400 | u read as fp16 is
-    1024 + u, so subtracting 1032 gives q exactly."""
-    lo = (((b & 0xF) ^ 8).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1032.0
-    hi = (((b >> 4) ^ 8).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1032.0
-    # nibble p of word w of chunk j: p = 2 * (byte in word) + (0 low | 1 high)
-    q = tl.join(lo, hi).reshape(BLOCK_N, GROUP // 32, 4, 2, 4)   # [n, j, w, h, b]
-    q = tl.permute(q, (0, 1, 3, 2, 4)).reshape(BLOCK_N, GROUP)    # k = 32 j + 16 h + 4 w + b
-    return q.to(tl.float8e4nv)
-
-
-@triton.jit
-def _s4x8_to_fp8_asm(b):
-    """One layout-v3 word (4 bytes = 8 signed nibbles) per call -> (e4m3 of nibbles 0..3,
-    e4m3 of nibbles 4..7), each 4 fp8 in one 32-bit register: the wgmma fragment registers.
-
-    CUTLASS-style lookup: PRMT indexes an 8-byte table with a nibble's low 3 bits; tables
-    e4m3(0..7) and e4m3(-8..-1); the final PRMT takes byte i from the first (sign 0) or the
-    second (sign 1) lookup, its selector i + 4 * sign built with one shift and one LOP3."""
-    return tl.inline_asm_elementwise(
-        asm="""
-        {
-        .reg .b32 pa, pb, na, nb, idx, s, idxh, sh, p0, n0, p1, n1;
-        mov.b32 pa, 0x44403800;
-        mov.b32 pb, 0x4E4C4A48;
-        mov.b32 na, 0xCACCCED0;
-        mov.b32 nb, 0xB8C0C4C8;
-        and.b32 idx, $2, 0x77777777;
-        shr.u32 s, $2, 1;
-        lop3.b32 s, s, 0x44444444, 0x32103210, 0xEA;
-        shr.u32 idxh, idx, 16;
-        shr.u32 sh, s, 16;
-        prmt.b32 p0, pa, pb, idx;
-        prmt.b32 n0, na, nb, idx;
-        prmt.b32 $0, p0, n0, s;
-        prmt.b32 p1, pa, pb, idxh;
-        prmt.b32 n1, na, nb, idxh;
-        prmt.b32 $1, p1, n1, sh;
-        }
-        """,
-        constraints="=r,=r,r",
-        args=[b],
-        dtype=(tl.float8e4nv, tl.float8e4nv),
-        is_pure=True,
-        pack=4,
-    )
 
 
 @triton.jit
@@ -87,13 +38,9 @@ def _group_dot(w_rows, a_rows, s_rows, g, nmask, rmask, kh, kk, BLOCK_N: tl.cons
     at = tl.load(a_rows + (g * GROUP + kk)[None, :], mask=rmask[:, None], other=0.0)
     sg = tl.load(s_rows + g, mask=nmask, other=0.0).to(tl.float32)
     if USE_ASM:
-        # element c = 16 j + 4 w + i of the two outputs is nibble i (first) or 4 + i (second) of
-        # word w of chunk j: K = 32 j + 4 w + i and K = 32 j + 16 + 4 w + i.
-        wlo, whi = _s4x8_to_fp8_asm(wb)
-        wq = tl.join(wlo, whi).reshape(BLOCK_N, GROUP // 32, 4, 4, 2)   # [n, j, w, i, h]
-        wq = tl.permute(wq, (0, 1, 4, 2, 3)).reshape(BLOCK_N, GROUP)
+        wq = s4_tile_to_fp8_asm(wb, BLOCK_N, GROUP)
     else:
-        wq = _s4_tile_to_fp8_ops(wb, BLOCK_N, GROUP)
+        wq = s4_tile_to_fp8_ops(wb, BLOCK_N, GROUP)
     return tl.dot(wq, tl.trans(at)), sg
 
 

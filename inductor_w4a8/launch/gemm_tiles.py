@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import torch
 
@@ -25,6 +24,11 @@ class GemmTile:
     num_stages: int
     programs_per_sm: int
     groups_per_step: int = 1   # quantization groups per K step (1 or 2 independent dots)
+    # "triton": kernels/grouped_gemm.py. "wgmma": kernels/grouped_gemm_wgmma.py (Gluon, sm_90
+    # only; num_stages is its activation ring depth, num_warps 8 = two warpgroups); where it
+    # cannot run (no Hopper GPU, the interpreter, a trace through wrap_triton) the launcher
+    # runs WGMMA_FALLBACK instead.
+    kernel: str = "triton"
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -44,6 +48,16 @@ GEMM_TILES: tuple[tuple[float, GemmTile], ...] = (
 )
 
 
+WGMMA_KERNEL = "wgmma"
+WGMMA_FALLBACK = GEMM_TILES[-1][1]
+# The Gluon kernel's best measured tile (docs/perf.md, v9): 128 tokens x 128 weight rows, two
+# warpgroups, a 4-deep cp.async ring, one program per SM. Not in GEMM_TILES: on the H200 it is
+# slower than the Triton kernel at every M measured (7234 vs 6282 us at M = 8192), so it runs
+# only when asked for (tile= or GemmConstraints(kernel="wgmma", ...)).
+WGMMA_TILE = GemmTile(block_m=128, block_n=128, num_warps=8, num_stages=4, programs_per_sm=1,
+                      kernel=WGMMA_KERNEL)
+
+
 def expected_rows_per_expert(R: int, E: int) -> float:
     """Rows an active expert gets on average when R routed rows spread over E experts.
 
@@ -54,16 +68,33 @@ def expected_rows_per_expert(R: int, E: int) -> float:
     return R / min(E, R)
 
 
-def choose_tile(R: int, N: int, K: int, E: int, group_size: int, *, table=GEMM_TILES) -> GemmTile:
-    """The tile for a problem, from shapes only. W4A8_GEMM_TILE="bm,bn,warps,stages,ppsm[,gps]" overrides."""
-    override = os.environ.get("W4A8_GEMM_TILE")
-    if override:
-        return GemmTile(*(int(v) for v in override.split(",")))
+@dataclasses.dataclass(frozen=True)
+class GemmConstraints:
+    """Fields of the tile a caller fixes (tuning scripts, benchmarks, tests); None = the table's.
+
+    Passed as an argument (`choose_tile(..., constraints=)`, the launcher's `constraints=`),
+    never read from the environment, so every choice is visible at the call and identical in
+    eager mode, under torch.compile and in a CUDA-graph capture."""
+    block_m: int | None = None
+    block_n: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+    programs_per_sm: int | None = None
+    groups_per_step: int | None = None
+    kernel: str | None = None
+
+    def apply(self, tile: GemmTile) -> GemmTile:
+        fixed = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return dataclasses.replace(tile, **fixed)
+
+
+def choose_tile(R: int, N: int, K: int, E: int, group_size: int, *, table=GEMM_TILES,
+                constraints: GemmConstraints | None = None) -> GemmTile:
+    """The tile for a problem, from shapes only: the table's row for the expected rows per
+    expert, with the fields `constraints` fixes replaced."""
     rows = expected_rows_per_expert(R, E)
-    for bound, tile in table:
-        if rows <= bound:
-            return tile
-    return table[-1][1]
+    tile = next((t for bound, t in table if rows <= bound), table[-1][1])
+    return constraints.apply(tile) if constraints is not None else tile
 
 
 @functools.lru_cache(maxsize=None)

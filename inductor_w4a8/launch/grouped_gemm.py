@@ -5,13 +5,15 @@ comes from shapes (launch/gemm_tiles.py), the per-expert tile list is built on t
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 
 from ..kernels.grouped_gemm import w4a8_grouped_gemm_kernel
-from .gemm_tiles import GemmTile, choose_tile, grid_size
+from .gemm_tiles import (WGMMA_FALLBACK, WGMMA_KERNEL, GemmConstraints, GemmTile, choose_tile,
+                         grid_size)
 
 
 LAST_COMPILED = None  # the last compiled kernel (for SASS / register inspection in tuning)
@@ -23,15 +25,20 @@ def _interpreting() -> bool:
 
 def grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                  w_chan_scale: torch.Tensor | None, expert_offsets: torch.Tensor, group_size: int,
-                 *, tile: GemmTile | None = None, use_asm: bool | None = None,
-                 wrap=None, out: torch.Tensor | None = None) -> torch.Tensor:
+                 *, tile: GemmTile | None = None, constraints: GemmConstraints | None = None,
+                 use_asm: bool | None = None, wrap=None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """a fp8 [R, K], a_scale fp32 [R, 1], w int32 [E, N, K // 8] (formats layout v3), w_scale
     fp8 (+ w_chan_scale fp32 [E, N, 1]) or bf16 [E, N, K // G], expert_offsets int64 [E + 1]
     -> bf16 [R, N]. Inputs are checked by the op (ops.py) before this is called. `out` (tests:
     a poisoned bf16 [R, N] buffer) is written instead of a fresh one when given.
 
     wrap: torch.library.wrap_triton when torch.compile traces this launcher into Inductor's
-    generated code (inductor_w4a8.lowerings); then R is symbolic, so `tile` is given."""
+    generated code (inductor_w4a8.lowerings); then R is symbolic, so `tile` is given.
+    `tile` (a whole tile) or `constraints` (some fields, the rest from the table) override the
+    table's choice. A tile of the Gluon kernel (kernel="wgmma") runs it where it can run (an
+    sm_90 GPU, compiled, not traced through wrap_triton: Inductor's user-kernel path takes
+    @triton.jit source only) and today's large-M Triton tile everywhere else."""
     R, K = a.shape
     E, N, _ = w.shape
     if out is None:
@@ -39,7 +46,12 @@ def grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scal
     if R == 0 or N == 0:
         return out
     if tile is None:
-        tile = choose_tile(R, N, K, E, group_size)
+        tile = choose_tile(R, N, K, E, group_size, constraints=constraints)
+    if tile.kernel == WGMMA_KERNEL:
+        if wrap is None and wgmma_supported(a.device) and _wgmma_fits(tile, K, group_size, w_scale):
+            return _launch_wgmma(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_size,
+                                 tile, out)
+        tile = WGMMA_FALLBACK
     if use_asm is None:
         use_asm = a.device.type == "cuda" and not _interpreting()
     grid = (grid_size(tile, R, N, E, a.device),)
@@ -55,5 +67,55 @@ def grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scal
         BLOCK_E=max(16, triton.next_power_of_2(E)),
         USE_ASM=use_asm, GROUPS_PER_STEP=tile.groups_per_step,
         num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )
+    return out
+
+
+def wgmma_supported(device: torch.device) -> bool:
+    """The Gluon wgmma kernel runs on sm_90 GPUs only, compiled (never under the interpreter)."""
+    if device.type != "cuda" or _interpreting():
+        return False
+    return _gluon_kernel() is not None and _capability(device)[0] == 9
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _gluon_kernel():
+    try:
+        from ..kernels.grouped_gemm_wgmma import w4a8_grouped_gemm_wgmma_kernel
+    except ImportError:   # a triton without Gluon: the Triton kernel serves every shape
+        return None
+    return w4a8_grouped_gemm_wgmma_kernel
+
+
+# The Gluon kernel keeps a tile's group scales in shared memory (kernels/grouped_gemm_wgmma.py);
+# beyond this (e.g. K = 16384 in groups of 32) the Triton kernel runs instead.
+WGMMA_MAX_SCALE_TABLE_BYTES = 32 * 1024
+
+
+def _scale_table_rows(K: int, group_size: int) -> int:
+    return triton.next_power_of_2(K // group_size + 1)
+
+
+def _wgmma_fits(tile: GemmTile, K: int, group_size: int, w_scale: torch.Tensor) -> bool:
+    table = _scale_table_rows(K, group_size) * tile.block_n * w_scale.element_size()
+    return tile.num_stages >= 3 and table <= WGMMA_MAX_SCALE_TABLE_BYTES
+
+
+def _launch_wgmma(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_size, tile, out):
+    R, K = a.shape
+    E, N, _ = w.shape
+    has_chan = w_chan_scale is not None
+    global LAST_COMPILED
+    LAST_COMPILED = _gluon_kernel()[(grid_size(tile, R, N, E, a.device),)](
+        a, a_scale, w.view(torch.uint8), w_scale, w_chan_scale if has_chan else w_scale,
+        expert_offsets, out, R, N, K, E,
+        GROUP=group_size, HAS_CHAN=has_chan, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+        BLOCK_E=max(16, triton.next_power_of_2(E)), STAGES=tile.num_stages,
+        KG_PAD=_scale_table_rows(K, group_size), num_warps=tile.num_warps,
     )
     return out

@@ -1,0 +1,65 @@
+"""The layout-v3 int4 -> e4m3 decode on the device, written once (formats.py holds the host
+definition of the layout, `encode_gemm_layout` / `decode_gemm_layout`).
+
+One layout-v3 word (4 bytes = 8 signed nibbles) -> (e4m3 of nibbles 0..3, e4m3 of nibbles 4..7),
+each 4 fp8 in one 32-bit register. CUTLASS-style lookup: PRMT indexes an 8-byte table with a
+nibble's low 3 bits; tables e4m3(0..7) and e4m3(-8..-1); the final PRMT takes byte i from the
+first (sign 0) or the second (sign 1) lookup, its selector i + 4 * sign built with one shift and
+one LOP3. The same PTX serves the Triton kernel and the Gluon kernel (each language has its own
+inline-asm builtin, so each gets a two-line wrapper around this one text).
+"""
+import triton
+import triton.language as tl
+
+S4X8_TO_FP8_PTX = tl.constexpr("""
+        {
+        .reg .b32 pa, pb, na, nb, idx, s, idxh, sh, p0, n0, p1, n1;
+        mov.b32 pa, 0x44403800;
+        mov.b32 pb, 0x4E4C4A48;
+        mov.b32 na, 0xCACCCED0;
+        mov.b32 nb, 0xB8C0C4C8;
+        and.b32 idx, $2, 0x77777777;
+        shr.u32 s, $2, 1;
+        lop3.b32 s, s, 0x44444444, 0x32103210, 0xEA;
+        shr.u32 idxh, idx, 16;
+        shr.u32 sh, s, 16;
+        prmt.b32 p0, pa, pb, idx;
+        prmt.b32 n0, na, nb, idx;
+        prmt.b32 $0, p0, n0, s;
+        prmt.b32 p1, pa, pb, idxh;
+        prmt.b32 n1, na, nb, idxh;
+        prmt.b32 $1, p1, n1, sh;
+        }
+        """)
+S4X8_TO_FP8_CONSTRAINTS = tl.constexpr("=r,=r,r")
+
+
+@triton.jit
+def s4x8_to_fp8(b):
+    """uint8 tensor of layout-v3 bytes (4 per word, contiguous per thread) -> two fp8 tensors of
+    its shape: element c = 4 w + i of a word's four is nibble i (first) or 4 + i (second)."""
+    return tl.inline_asm_elementwise(asm=S4X8_TO_FP8_PTX, constraints=S4X8_TO_FP8_CONSTRAINTS,
+                                     args=[b], dtype=(tl.float8e4nv, tl.float8e4nv),
+                                     is_pure=True, pack=4)
+
+
+@triton.jit
+def s4_tile_to_fp8_ops(b, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+    """uint8 [BLOCK_N, GROUP // 2] layout-v3 bytes -> fp8 q [BLOCK_N, GROUP] in natural K order,
+    in plain Triton ops (the interpreter path): u = n ^ 8 = q + 8, and 0x6400 | u read as fp16
+    is 1024 + u, so subtracting 1032 gives q exactly."""
+    lo = (((b & 0xF) ^ 8).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1032.0
+    hi = (((b >> 4) ^ 8).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1032.0
+    # nibble p of word w of chunk j: p = 2 * (byte in word) + (0 low | 1 high)
+    q = tl.join(lo, hi).reshape(BLOCK_N, GROUP // 32, 4, 2, 4)   # [n, j, w, h, b]
+    q = tl.permute(q, (0, 1, 3, 2, 4)).reshape(BLOCK_N, GROUP)    # k = 32 j + 16 h + 4 w + b
+    return q.to(tl.float8e4nv)
+
+
+@triton.jit
+def s4_tile_to_fp8_asm(b, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+    """As s4_tile_to_fp8_ops, by the PRMT lookup (compiled for the GPU)."""
+    wlo, whi = s4x8_to_fp8(b)
+    # element c = 16 j + 4 w + i of the two outputs: K = 32 j + 4 w + i and 32 j + 16 + 4 w + i
+    wq = tl.join(wlo, whi).reshape(BLOCK_N, GROUP // 32, 4, 4, 2)   # [n, j, w, i, h]
+    return tl.permute(wq, (0, 1, 4, 2, 3)).reshape(BLOCK_N, GROUP)
