@@ -96,3 +96,17 @@ def size_factor(value) -> int | None:
     if isinstance(rest, sympy.Symbol) and coeff.is_Integer and int(coeff) > 0:
         return int(coeff)
     return None
+
+
+def run_frames_as_python(*functions) -> bool:
+    """Have Dynamo run each function's own frame as plain Python whenever it is entered from
+    Python that Dynamo is not tracing (the top frame of a compiled call); frames it calls are
+    still compiled, and when traced code calls it, it is inlined and traced as usual.
+    Returns False (nothing done) where this torch has no such switch."""
+    from torch._dynamo import eval_frame
+    skip_code = getattr(eval_frame, "skip_code", None)
+    if skip_code is None:
+        return False
+    for fn in functions:
+        skip_code(getattr(fn, "__code__"))
+    return True
