@@ -19,7 +19,7 @@ import numbers
 import torch
 from torch import nn
 
-from . import formats
+from . import eager, formats
 from .checks import W4A8InputError
 
 SCORING_FUNCTIONS = ("softmax", "sigmoid")
@@ -151,7 +151,18 @@ class W4A8MoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """bf16 [T, H], router logits [T, E] -> bf16 [T, H]. Inference only (see __call__)."""
-        ops = torch.ops.w4a8
+        if not torch.compiler.is_compiling():
+            # eager with nothing watching the dispatcher: the same kernels, called directly
+            kernels, key = eager.direct_kernels(self, hidden_states, router_logits)
+            if kernels is not None:
+                out = self._run(kernels, hidden_states, router_logits)
+                if key is not None:
+                    eager.remember_checked(self, key)
+                return out
+        return self._run(torch.ops.w4a8, hidden_states, router_logits)
+
+    def _run(self, ops, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        """The block as a straight line of `ops` (torch.ops.w4a8, or the same kernels direct)."""
         G = self.group_size
         topk_weights, topk_ids = ops.select_experts(
             router_logits, self.e_score_correction_bias, self.top_k, self.scoring,

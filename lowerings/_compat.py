@@ -110,3 +110,15 @@ def run_frames_as_python(*functions) -> bool:
     for fn in functions:
         skip_code(getattr(fn, "__code__"))
     return True
+
+
+def dispatch_observed() -> bool:
+    """True when something watches the dispatcher in this thread: a TorchDispatchMode or a
+    TorchFunctionMode on the stack (tracers, FakeTensorMode, `with torch.device(...)`,
+    recorders) or the autograd profiler. Unknown (names missing): True, the safe answer."""
+    C = torch._C
+    try:
+        return bool(C._len_torch_dispatch_stack() or C._len_torch_function_stack()
+                    or C._autograd._profiler_enabled())
+    except AttributeError:
+        return True
