@@ -335,6 +335,9 @@ def main(argv=None):
     p.add_argument("--rep", type=int, default=200, help="do_bench repetition time, ms")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args(argv)
+    if args.block:  # eager / compiled / graph replay of the whole block: inductor_w4a8.bench_block
+        from .bench_block import main as block_main
+        return block_main(args.m, args.out)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
