@@ -243,7 +243,8 @@ def check_forward_inputs(moe: W4A8MoE, hidden_states, router_logits) -> None:
     if router_logits.dtype not in ROUTER_DTYPES:
         raise W4A8InputError(f"W4A8MoE: forward: router_logits must be one of {ROUTER_DTYPES}, "
                              f"got {router_logits.dtype}")
-    device = moe.w13_weight.device
+    weight = moe._parameters.get("w13_weight")  # the dict first: nn.Module.__getattr__ is slow
+    device = (moe.w13_weight if weight is None else weight).device
     if hidden_states.device != device or router_logits.device != device:
         raise W4A8InputError(f"W4A8MoE: forward: hidden_states is on {hidden_states.device} and "
                              f"router_logits on {router_logits.device} but the weights are on "

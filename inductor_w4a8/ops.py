@@ -31,6 +31,21 @@ def _launcher(name: str):
     return module
 
 
+def _inference_only(op, name: str) -> None:
+    """Refuse, at the call, a call of `op` that autograd would record: the ops have no backward,
+    and a tensor whose grad_fn fails in backward() is worse than an error naming the fix. Runs
+    only where autograd is involved (grad mode on and an input requiring grad), so the
+    inference path pays nothing."""
+    def setup_context(ctx, inputs, output):
+        fail(name, "is inference only (it has no backward) and an input requires grad; call it "
+                   "under torch.no_grad() or torch.inference_mode(), or pass detached inputs")
+
+    def backward(ctx, *grads):  # never reached: setup_context refuses first
+        raise AssertionError(f"w4a8::{name} has no backward")
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
 # ============================================================================================
 # Post-processing
 # ============================================================================================
@@ -470,3 +485,9 @@ def combine_cpu_math(y, flat_to_sorted, topk_weights):
 def _combine_cuda(y, flat_to_sorted, topk_weights):
     _check_combine(y, flat_to_sorted, topk_weights)
     return _launcher("moe_combine").combine(y, flat_to_sorted, topk_weights)
+
+
+# every op with a floating input (the others cannot be handed a tensor that requires grad)
+for _name in ("convert_bf16_scales_to_fp8", "quantize_fp8_per_token", "silu_mul_quantize_fp8",
+              "grouped_gemm", "select_experts", "gather_rows_fp8", "combine"):
+    _inference_only(globals()[_name], _name)
