@@ -67,8 +67,10 @@ def gemms_fn(layer, x, logits):
     G, gemm = layer.group_size, torch.ops.w4a8.grouped_gemm
 
     def both():
-        gemm(a, a_scale, layer.w13_weight, layer.w13_group_scale, layer.w13_chan_scale, offsets, G)
-        gemm(hq, h_scale, layer.w2_weight, layer.w2_group_scale, layer.w2_chan_scale, offsets, G)
+        return (gemm(a, a_scale, layer.w13_weight, layer.w13_group_scale, layer.w13_chan_scale,
+                     offsets, G),
+                gemm(hq, h_scale, layer.w2_weight, layer.w2_group_scale, layer.w2_chan_scale,
+                     offsets, G))
     return both
 
 

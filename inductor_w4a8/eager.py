@@ -104,8 +104,11 @@ def direct_kernels(moe, hidden_states, router_logits):
     checked, unchecked = _table(device.type)
     if value_checks_enabled(hidden_states):
         return checked, None
+    # parameters by identity, shape and dtype: replaced (a freed one's id can come back) or
+    # converted in place (module.to(dtype) keeps the Parameter object) -> checked again
+    params = tuple(None if p is None else (id(p), p.shape, p.dtype) for p in moe._parameters.values())
     key = (hidden_states.shape, router_logits.shape, hidden_states.dtype, router_logits.dtype,
-           device, router_logits.device, tuple(map(id, moe._parameters.values())))
+           device, router_logits.device, params)
     if key in moe.__dict__.get(CHECKED_ATTR, ()):
         return unchecked, None
     return checked, key
@@ -113,8 +116,3 @@ def direct_kernels(moe, hidden_states, router_logits):
 
 def remember_checked(moe, key) -> None:
     moe.__dict__.setdefault(CHECKED_ATTR, set()).add(key)
-
-
-def forget_checked(moe) -> None:
-    """Drop what the module remembers (its parameters were replaced or re-processed)."""
-    moe.__dict__.pop(CHECKED_ATTR, None)
