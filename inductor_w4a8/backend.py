@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import torch
 
 from .checks import value_checks
+from .moe import EAGER_FRAMES
 
 try:
     from . import lowerings
@@ -189,6 +190,9 @@ def _calls_gemm(gm) -> bool:
 def register() -> None:
     """Register the backend under "w4a8" (idempotent; done on `import inductor_w4a8`)."""
     lowerings.install()
+    # W4A8MoE's input checks run before Dynamo traces a compiled call, so a bad input raises
+    # W4A8InputError with our message (any backend; docs/compile.md "Errors under compile")
+    _compat.run_frames_as_python(*EAGER_FRAMES)
     if BACKEND_NAME not in torch._dynamo.list_backends(exclude_tags=()):
         torch._dynamo.register_backend(w4a8_backend, name=BACKEND_NAME)
 

@@ -1,12 +1,17 @@
 """Input validation shared by every op: clear errors that name the argument and the fix.
 
 Shape, dtype and device checks run always (also under fake tensors), before any launch or
-write. Value checks need a device->host sync and so run only in eager mode, outside CUDA-graph
-capture and outside torch.compile tracing (`value_checks_enabled`).
+write. Value checks (offsets monotone, expert ids in range) read device values, which
+synchronizes the host with the device, so they are a debug switch, off by default:
+`with value_checks(True): ...` or the environment variable W4A8_VALUE_CHECKS=1 turns them on,
+and even then they run only in eager mode, outside CUDA-graph capture and torch.compile tracing
+(`value_checks_enabled`). With them off, memory safety stays in the kernels: offsets are clamped
+and expert ids masked on the device, so no value can make a kernel read or write out of bounds.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 
 import torch
@@ -61,14 +66,25 @@ def check_shape(op: str, name: str, t: torch.Tensor, expected: tuple, layout: st
         fail(op, f"{name} must have shape {tuple(expected)} ({layout}), got {tuple(t.shape)}")
 
 
+VALUE_CHECKS_ENV = "W4A8_VALUE_CHECKS"
+
+
+def _env_default() -> bool:
+    return os.environ.get(VALUE_CHECKS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+# read once at import: the default forward must not pay for an environment lookup per op
+_DEFAULT = _env_default()
 _state = threading.local()
 
 
 @contextlib.contextmanager
-def value_checks(enabled: bool):
-    """Turn the eager value checks (which synchronize) on or off in this thread."""
-    previous = getattr(_state, "enabled", True)
-    _state.enabled = enabled
+def value_checks(enabled: bool = True):
+    """Debug switch for the value checks that read device values (and so synchronize the host
+    with the device), in this thread: off by default (W4A8_VALUE_CHECKS=1 flips the default).
+    With it on, a bad offsets / expert-ids tensor is refused with a W4A8InputError naming it."""
+    previous = getattr(_state, "enabled", _DEFAULT)
+    _state.enabled = bool(enabled)
     try:
         yield
     finally:
@@ -76,8 +92,9 @@ def value_checks(enabled: bool):
 
 
 def value_checks_enabled(t: torch.Tensor) -> bool:
-    """True when a value check may synchronize: eager, real tensors, not capturing, not compiling."""
-    if not getattr(_state, "enabled", True):
+    """True when a value check is switched on and may synchronize: eager, real tensors, not
+    capturing, not compiling."""
+    if not getattr(_state, "enabled", _DEFAULT):
         return False
     if torch.compiler.is_compiling():
         return False

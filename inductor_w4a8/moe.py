@@ -19,10 +19,11 @@ import numbers
 import torch
 from torch import nn
 
-from . import formats
+from . import eager, formats
 from .checks import W4A8InputError
 
 SCORING_FUNCTIONS = ("softmax", "sigmoid")
+ROUTER_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _fail(message: str) -> None:
@@ -139,32 +140,29 @@ class W4A8MoE(nn.Module):
         process_weights_after_loading(self)
 
     # ----------------------------------------------------------------------------------------
-    def _check_inputs(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> None:
-        if not getattr(self, "weights_processed", False):
-            raise RuntimeError("W4A8MoE.forward: the weights are not processed; call "
-                               "process_weights_after_loading() after loading the checkpoint")
-        for name, t in (("hidden_states", hidden_states), ("router_logits", router_logits)):
-            if not isinstance(t, torch.Tensor):
-                _fail(f"forward: {name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.dim() != 2:
-                _fail(f"forward: {name} must have rank 2, got shape {tuple(t.shape)}")
-        T, H = hidden_states.shape
-        if H != self.hidden_size:
-            _fail(f"forward: hidden_states has {H} features but hidden_size={self.hidden_size}")
-        if hidden_states.dtype != self.params_dtype:
-            _fail(f"forward: hidden_states must be {self.params_dtype}, got {hidden_states.dtype}")
-        if tuple(router_logits.shape) != (T, self.num_experts):
-            _fail(f"forward: router_logits must have shape (T, num_experts) = "
-                  f"{(T, self.num_experts)}, got {tuple(router_logits.shape)}")
-        weight = self.w13_weight
-        for name, t in (("hidden_states", hidden_states), ("router_logits", router_logits)):
-            if t.device != weight.device:
-                _fail(f"forward: {name} is on {t.device} but the weights are on {weight.device}")
+    def __call__(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        # The input checks run here, outside forward, so that under torch.compile(moe) they run
+        # before Dynamo traces anything (backend.register() has Dynamo run this frame and
+        # check_forward_inputs as plain Python): a bad input raises our W4A8InputError, not
+        # Dynamo's "Observed exception". Inside a larger compiled model this frame is traced
+        # like any other code (nothing here breaks the graph).
+        check_forward_inputs(self, hidden_states, router_logits)
+        return nn.Module.__call__(self, hidden_states, router_logits)
 
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        """bf16 [T, H], router logits [T, E] -> bf16 [T, H]."""
-        self._check_inputs(hidden_states, router_logits)
-        ops = torch.ops.w4a8
+        """bf16 [T, H], router logits [T, E] -> bf16 [T, H]. Inference only (see __call__)."""
+        if not torch.compiler.is_compiling():
+            # eager with nothing watching the dispatcher: the same kernels, called directly
+            kernels, key = eager.direct_kernels(self, hidden_states, router_logits)
+            if kernels is not None:
+                out = self._run(kernels, hidden_states, router_logits)
+                if key is not None:
+                    eager.remember_checked(self, key)
+                return out
+        return self._run(torch.ops.w4a8, hidden_states, router_logits)
+
+    def _run(self, ops, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        """The block as a straight line of `ops` (torch.ops.w4a8, or the same kernels direct)."""
         G = self.group_size
         topk_weights, topk_ids = ops.select_experts(
             router_logits, self.e_score_correction_bias, self.top_k, self.scoring,
@@ -213,3 +211,52 @@ class W4A8MoE(nn.Module):
         if process_weights:
             layer.process_weights_after_loading()
         return layer
+
+
+def check_forward_inputs(moe: W4A8MoE, hidden_states, router_logits) -> None:
+    """What W4A8MoE.__call__ refuses, before any op runs: unprocessed weights, a call that would
+    need gradients, inputs of the wrong type, rank, dtype, size or device.
+
+    Self-contained on purpose (no calls into other Python functions): under torch.compile this
+    runs as plain Python in a frame Dynamo skips, and any Python callee would be compiled.
+    """
+    if not moe.weights_processed:
+        raise W4A8InputError("W4A8MoE.forward: the weights are not processed; call "
+                             "process_weights_after_loading() after loading the checkpoint")
+    for name, t in (("hidden_states", hidden_states), ("router_logits", router_logits)):
+        if not isinstance(t, torch.Tensor):
+            raise W4A8InputError(f"W4A8MoE: forward: {name} must be a torch.Tensor, got "
+                                 f"{type(t).__name__}")
+        if t.dim() != 2:
+            raise W4A8InputError(f"W4A8MoE: forward: {name} must have rank 2, got shape "
+                                 f"{tuple(t.shape)}")
+    T, H = hidden_states.shape
+    if H != moe.hidden_size:
+        raise W4A8InputError(f"W4A8MoE: forward: hidden_states has {H} features but "
+                             f"hidden_size={moe.hidden_size}")
+    if hidden_states.dtype != moe.params_dtype:
+        raise W4A8InputError(f"W4A8MoE: forward: hidden_states must be {moe.params_dtype}, got "
+                             f"{hidden_states.dtype}; convert it with .to({moe.params_dtype})")
+    if router_logits.shape[0] != T or router_logits.shape[1] != moe.num_experts:
+        raise W4A8InputError(f"W4A8MoE: forward: router_logits must have shape (T, num_experts) = "
+                             f"{(T, moe.num_experts)}, got {tuple(router_logits.shape)}")
+    if router_logits.dtype not in ROUTER_DTYPES:
+        raise W4A8InputError(f"W4A8MoE: forward: router_logits must be one of {ROUTER_DTYPES}, "
+                             f"got {router_logits.dtype}")
+    weight = moe._parameters.get("w13_weight")  # the dict first: nn.Module.__getattr__ is slow
+    device = (moe.w13_weight if weight is None else weight).device
+    if hidden_states.device != device or router_logits.device != device:
+        raise W4A8InputError(f"W4A8MoE: forward: hidden_states is on {hidden_states.device} and "
+                             f"router_logits on {router_logits.device} but the weights are on "
+                             f"{device}; move the inputs to {device}")
+    if torch.is_grad_enabled():
+        needs_grad = hidden_states.requires_grad or router_logits.requires_grad
+        for p in moe._parameters.values():  # a loop, not any(...): no generator frame
+            needs_grad = needs_grad or (p is not None and p.requires_grad)
+        if needs_grad:
+            raise W4A8InputError("W4A8MoE: forward is inference only (the ops have no backward): "
+                                 "an input or parameter requires grad; call it under "
+                                 "torch.no_grad() or torch.inference_mode(), or detach() the inputs")
+
+# Code that torch.compile(moe) must run as plain Python instead of tracing (backend.register).
+EAGER_FRAMES = (W4A8MoE.__call__, check_forward_inputs)

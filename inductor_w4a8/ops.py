@@ -21,8 +21,29 @@ FP8 = formats.FP8_DTYPE
 SCORING_FUNCTIONS = ("softmax", "sigmoid")
 
 
+_launchers: dict = {}
+
+
 def _launcher(name: str):
-    return importlib.import_module(f"inductor_w4a8.launch.{name}")
+    module = _launchers.get(name)  # a dict hit per call, not importlib's lookup
+    if module is None:
+        module = _launchers[name] = importlib.import_module(f"inductor_w4a8.launch.{name}")
+    return module
+
+
+def _inference_only(op, name: str) -> None:
+    """Refuse, at the call, a call of `op` that autograd would record: the ops have no backward,
+    and a tensor whose grad_fn fails in backward() is worse than an error naming the fix. Runs
+    only where autograd is involved (grad mode on and an input requiring grad), so the
+    inference path pays nothing."""
+    def setup_context(ctx, inputs, output):
+        fail(name, "is inference only (it has no backward) and an input requires grad; call it "
+                   "under torch.no_grad() or torch.inference_mode(), or pass detached inputs")
+
+    def backward(ctx, *grads):  # never reached: setup_context refuses first
+        raise AssertionError(f"w4a8::{name} has no backward")
+
+    op.register_autograd(backward, setup_context=setup_context)
 
 
 # ============================================================================================
@@ -154,13 +175,13 @@ def _(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @quantize_fp8_per_token.register_kernel("cpu")
-def _(x: Tensor) -> tuple[Tensor, Tensor]:
+def _quantize_fp8_per_token_cpu(x: Tensor) -> tuple[Tensor, Tensor]:
     _check_activations("quantize_fp8_per_token", x, "[T, K] bf16 tokens")
     return formats.quantize_fp8_per_token(x)
 
 
 @quantize_fp8_per_token.register_kernel("cuda")
-def _(x: Tensor) -> tuple[Tensor, Tensor]:
+def _quantize_fp8_per_token_cuda(x: Tensor) -> tuple[Tensor, Tensor]:
     _check_activations("quantize_fp8_per_token", x, "[T, K] bf16 tokens")
     return _launcher("fp8_quant").quantize_fp8_per_token(x)
 
@@ -185,13 +206,13 @@ def _(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @silu_mul_quantize_fp8.register_kernel("cpu")
-def _(x: Tensor) -> tuple[Tensor, Tensor]:
+def _silu_mul_quantize_fp8_cpu(x: Tensor) -> tuple[Tensor, Tensor]:
     _check_silu_mul(x)
     return reference.silu_mul_quantize_fp8(x)
 
 
 @silu_mul_quantize_fp8.register_kernel("cuda")
-def _(x: Tensor) -> tuple[Tensor, Tensor]:
+def _silu_mul_quantize_fp8_cuda(x: Tensor) -> tuple[Tensor, Tensor]:
     _check_silu_mul(x)
     return _launcher("silu_mul_quant").silu_mul_quantize_fp8(x)
 
@@ -261,16 +282,21 @@ def _(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_size):
 
 
 @grouped_gemm.register_kernel("cpu")
-def _(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_size):
+def _grouped_gemm_cpu(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_size):
     _check_grouped_gemm(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_size)
     _check_offset_values("grouped_gemm", expert_offsets, a.shape[0])
+    return grouped_gemm_cpu_math(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_size)
+
+
+def grouped_gemm_cpu_math(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_size):
+    """The CPU kernel of w4a8::grouped_gemm without its checks."""
     q = formats.decode_gemm_layout(w)
     return reference.grouped_gemm(a, a_scale, q, w_scale, w_chan_scale, expert_offsets,
                                   group_size).to(torch.bfloat16)
 
 
 @grouped_gemm.register_kernel("cuda")
-def _(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_size):
+def _grouped_gemm_cuda(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_size):
     _check_grouped_gemm(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_size)
     _check_offset_values("grouped_gemm", expert_offsets, a.shape[0])
     return _launcher("grouped_gemm").grouped_gemm(a, a_scale, w, w_scale, w_chan_scale,
@@ -322,14 +348,14 @@ def _(router_logits, correction_bias, top_k, scoring, renormalize, n_group, topk
 
 
 @select_experts.register_kernel("cpu")
-def _(router_logits, correction_bias, top_k, scoring, renormalize, n_group, topk_group, routed_scaling_factor):
+def _select_experts_cpu(router_logits, correction_bias, top_k, scoring, renormalize, n_group, topk_group, routed_scaling_factor):
     _check_select_experts(router_logits, correction_bias, top_k, scoring, n_group, topk_group)
     return reference.select_experts(router_logits, correction_bias, top_k, scoring, renormalize,
                                     n_group, topk_group, routed_scaling_factor)
 
 
 @select_experts.register_kernel("cuda")
-def _(router_logits, correction_bias, top_k, scoring, renormalize, n_group, topk_group, routed_scaling_factor):
+def _select_experts_cuda(router_logits, correction_bias, top_k, scoring, renormalize, n_group, topk_group, routed_scaling_factor):
     _check_select_experts(router_logits, correction_bias, top_k, scoring, n_group, topk_group)
     return _launcher("routing").select_experts(router_logits, correction_bias, top_k, scoring,
                                                renormalize, n_group, topk_group, routed_scaling_factor)
@@ -367,13 +393,13 @@ def _(topk_ids, num_experts):
 
 
 @sort_by_expert.register_kernel("cpu")
-def _(topk_ids, num_experts):
+def _sort_by_expert_cpu(topk_ids, num_experts):
     _check_sort(topk_ids, num_experts)
     return reference.sort_by_expert(topk_ids, num_experts)
 
 
 @sort_by_expert.register_kernel("cuda")
-def _(topk_ids, num_experts):
+def _sort_by_expert_cuda(topk_ids, num_experts):
     _check_sort(topk_ids, num_experts)
     return _launcher("moe_sort").sort_by_expert(topk_ids, num_experts)
 
@@ -406,13 +432,13 @@ def _(xq, x_scale, sorted_rows, top_k):
 
 
 @gather_rows_fp8.register_kernel("cpu")
-def _(xq, x_scale, sorted_rows, top_k):
+def _gather_rows_fp8_cpu(xq, x_scale, sorted_rows, top_k):
     _check_gather(xq, x_scale, sorted_rows, top_k)
     return reference.gather_rows_fp8(xq, x_scale, sorted_rows, top_k)
 
 
 @gather_rows_fp8.register_kernel("cuda")
-def _(xq, x_scale, sorted_rows, top_k):
+def _gather_rows_fp8_cuda(xq, x_scale, sorted_rows, top_k):
     _check_gather(xq, x_scale, sorted_rows, top_k)
     return _launcher("moe_gather").gather_rows_fp8(xq, x_scale, sorted_rows, top_k)
 
@@ -445,12 +471,23 @@ def _(y, flat_to_sorted, topk_weights):
 
 
 @combine.register_kernel("cpu")
-def _(y, flat_to_sorted, topk_weights):
+def _combine_cpu(y, flat_to_sorted, topk_weights):
     _check_combine(y, flat_to_sorted, topk_weights)
+    return combine_cpu_math(y, flat_to_sorted, topk_weights)
+
+
+def combine_cpu_math(y, flat_to_sorted, topk_weights):
+    """The CPU kernel of w4a8::combine without its checks."""
     return reference.combine(y, flat_to_sorted, topk_weights).to(torch.bfloat16)
 
 
 @combine.register_kernel("cuda")
-def _(y, flat_to_sorted, topk_weights):
+def _combine_cuda(y, flat_to_sorted, topk_weights):
     _check_combine(y, flat_to_sorted, topk_weights)
     return _launcher("moe_combine").combine(y, flat_to_sorted, topk_weights)
+
+
+# every op with a floating input (the others cannot be handed a tensor that requires grad)
+for _name in ("convert_bf16_scales_to_fp8", "quantize_fp8_per_token", "silu_mul_quantize_fp8",
+              "grouped_gemm", "select_experts", "gather_rows_fp8", "combine"):
+    _inference_only(globals()[_name], _name)

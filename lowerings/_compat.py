@@ -96,3 +96,29 @@ def size_factor(value) -> int | None:
     if isinstance(rest, sympy.Symbol) and coeff.is_Integer and int(coeff) > 0:
         return int(coeff)
     return None
+
+
+def run_frames_as_python(*functions) -> bool:
+    """Have Dynamo run each function's own frame as plain Python whenever it is entered from
+    Python that Dynamo is not tracing (the top frame of a compiled call); frames it calls are
+    still compiled, and when traced code calls it, it is inlined and traced as usual.
+    Returns False (nothing done) where this torch has no such switch."""
+    from torch._dynamo import eval_frame
+    skip_code = getattr(eval_frame, "skip_code", None)
+    if skip_code is None:
+        return False
+    for fn in functions:
+        skip_code(getattr(fn, "__code__"))
+    return True
+
+
+def dispatch_observed() -> bool:
+    """True when something watches the dispatcher in this thread: a TorchDispatchMode or a
+    TorchFunctionMode on the stack (tracers, FakeTensorMode, `with torch.device(...)`,
+    recorders) or the autograd profiler. Unknown (names missing): True, the safe answer."""
+    C = torch._C
+    try:
+        return bool(C._len_torch_dispatch_stack() or C._len_torch_function_stack()
+                    or C._autograd._profiler_enabled())
+    except AttributeError:
+        return True

@@ -110,7 +110,7 @@ def test_bad_inputs_refused(case, seed):
     from inductor_w4a8 import W4A8InputError
     args = make_case(40, 3, 16, 96, 32)  # K = 96: group 128 does not divide it
     bad, match = _bad_cases(args)[case]
-    with pytest.raises(W4A8InputError, match=match):
+    with pytest.raises(W4A8InputError, match=match), value_checks(True):  # offsets cases: debug switch
         ops.grouped_gemm(*bad)
 
 

@@ -249,7 +249,7 @@ def test_construction_errors(bad, match):
 
 def test_forward_before_processing_is_refused():
     layer, _ = make_layer("softmax", process=False)
-    with pytest.raises(RuntimeError, match="process_weights_after_loading"):
+    with pytest.raises(W4A8InputError, match="process_weights_after_loading"):
         layer(*inputs(3, layer))
 
 
@@ -398,3 +398,27 @@ def test_cuda_glm_shapes_smoke(seed):
     for T in (1, 8192):
         out = layer(torch.randn(T, 5120, device="cuda").to(torch.bfloat16), torch.randn(T, 160, device="cuda"))
         assert out.shape == (T, 5120) and bool(torch.isfinite(out).all())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("T", [1, 64, 8192])
+def test_cuda_glm_block_forward_never_synchronizes(T, seed):
+    """DESIGN: nothing in the default forward synchronizes the host with the device. Under
+    torch.cuda.set_sync_debug_mode("error") any synchronizing call raises; the warm-up call
+    (Triton compiles, allocator grows) runs outside it."""
+    layer = W4A8MoE(160, 8, 5120, 1536, group_size=128, scoring="sigmoid", n_group=1, topk_group=1,
+                    routed_scaling_factor=2.5, device="cuda")
+    testing.random_checkpoint_(layer, seed % 1000)
+    layer.process_weights_after_loading()
+    x = torch.randn(T, 5120, device="cuda").to(torch.bfloat16)
+    logits = torch.randn(T, 160, device="cuda")
+    with torch.no_grad():
+        expected = layer(x, logits)
+        torch.cuda.synchronize()
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = layer(x, logits)
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    assert torch.equal(out, expected)

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from inductor_w4a8 import W4A8InputError, formats, reference
+from inductor_w4a8 import W4A8InputError, formats, reference, value_checks
 from inductor_w4a8.testing import assert_valid_routing, opcheck, poisoned_empty
 from inductor_w4a8.testing import run_interpreted
 
@@ -255,8 +255,10 @@ BAD_CALLS = {
 
 @pytest.mark.parametrize("case", list(BAD_CALLS))
 def test_bad_inputs_refused(case):
+    """Every bad call is refused; the id-range cases read device values, so they need the
+    value-check debug switch (off by default: tests/test_checks.py)."""
     call, match = BAD_CALLS[case]
-    with pytest.raises(W4A8InputError, match=match):
+    with pytest.raises(W4A8InputError, match=match), value_checks(True):
         call()
 
 
@@ -582,3 +584,42 @@ def test_cuda_plumbing_capturable():
         for got, want in zip(outs, run()):
             assert torch.equal(got.view(torch.uint8) if got.dtype == FP8 else got,
                                want.view(torch.uint8) if want.dtype == FP8 else want)
+
+
+# ==========================================================================================
+# inference only, at the op
+# ==========================================================================================
+def _grad_cases():
+    """Each op with a floating input, that input requiring grad (the rest as in opcheck)."""
+    xq, xs = quantized_tokens(5, 64)
+    y = (torch.randn(10, 32)).to(torch.bfloat16)
+    logits, *rest = routing_args(5, ROUTINGS[0])
+    packed, w_scale = formats.quantize_w4((torch.randn(2, 16, 64) * 0.05).to(torch.bfloat16), 32)
+    ops.convert_packed_uint4b8_to_signed_int4_(packed)
+    w, _ = ops.encode_and_reorder_int4b_grouped(packed)
+    a, a_scale = quantized_tokens(6, 64)
+    offsets = torch.tensor([0, 2, 6], dtype=torch.int64)
+    return {
+        "grouped_gemm": (ops.grouped_gemm, (a, a_scale, w, w_scale, None, offsets, 32), 1),
+        "select_experts": (ops.select_experts, (logits, *rest), 0),
+        "quantize_fp8_per_token": (ops.quantize_fp8_per_token, ((torch.randn(5, 64)).to(torch.bfloat16),), 0),
+        "silu_mul_quantize_fp8": (ops.silu_mul_quantize_fp8, ((torch.randn(5, 64)).to(torch.bfloat16),), 0),
+        "gather_rows_fp8": (ops.gather_rows_fp8, (xq, xs, torch.randperm(10).to(torch.int32), 2), 1),
+        "combine": (ops.combine, (y, torch.randperm(10).to(torch.int32).view(5, 2), torch.rand(5, 2)), 2),
+        "convert_bf16_scales_to_fp8": (ops.convert_bf16_scales_to_fp8,
+                                       ((torch.rand(3, 4, 2) * 0.02).to(torch.bfloat16),), 0),
+    }
+
+
+@pytest.mark.parametrize("name", list(_grad_cases()))
+def test_op_needing_grad_is_refused_at_the_call(name, seed):
+    op, args, i = _grad_cases()[name]
+    args = list(args)
+    args[i] = args[i].clone().requires_grad_(True)
+    with pytest.raises(W4A8InputError, match=rf"w4a8::{name}: is inference only.*torch\.no_grad\(\)"):
+        op(*args)
+    for context in (torch.no_grad(), torch.inference_mode()):
+        with context:
+            outs = op(*args)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        assert all(o.grad_fn is None and not o.requires_grad for o in outs)

@@ -5,7 +5,7 @@ import torch
 
 from .. import formats
 from ..kernels.fp8_quant import quantize_fp8_per_token_kernel
-from ._common import device_guard, next_pow2, use_hw_fp8
+from ._common import device_guard, fast_launch, next_pow2, use_hw_fp8
 
 MAX_BLOCK_K = 2048
 
@@ -23,7 +23,8 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
         return q, scale
     block_k = min(max(next_pow2(K), 128), MAX_BLOCK_K)
     with device_guard(x):
-        quantize_fp8_per_token_kernel[(T,)](
+        fast_launch(
+            quantize_fp8_per_token_kernel, (T,),
             x, q.view(torch.uint8), scale, K, MIN_SCALE=formats.FP8_MIN_SCALE, BLOCK_K=block_k,
             HW=use_hw_fp8(x), num_warps=4 if block_k <= 1024 else 8)
     return q, scale

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels.moe_gather import gather_rows_kernel
-from ._common import cdiv, device_guard, next_pow2
+from ._common import cdiv, device_guard, fast_launch, next_pow2
 
 TILE_WORDS = 4096
 MAX_BLOCK_K = 1024
@@ -30,6 +30,6 @@ def gather_rows_fp8(xq: torch.Tensor, x_scale: torch.Tensor, sorted_rows: torch.
     block_r = max(1, TILE_WORDS // block_k)
     grid = (cdiv(R, block_r), max(cdiv(words, block_k), 1))
     with device_guard(xq):
-        gather_rows_kernel[grid](src, x_scale, sorted_rows, dst, a_scale, R, T, words, top_k,
+        fast_launch(gather_rows_kernel, grid, src, x_scale, sorted_rows, dst, a_scale, R, T, words, top_k,
                                  BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4)
     return a, a_scale

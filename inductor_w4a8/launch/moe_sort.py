@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels.moe_sort import count_kernel, place_kernel, scan_kernel
-from ._common import cdiv, device_guard, next_pow2
+from ._common import cdiv, device_guard, fast_launch, next_pow2
 
 # A chunk's one-hot tile [CHUNK, BLOCK_E] holds at most this many elements.
 ONEHOT_ELEMS = 16384
@@ -46,7 +46,7 @@ def sort_by_expert(topk_ids: torch.Tensor, num_experts: int, *, chunk: int | Non
         if num_chunks == 1:
             # one program does everything (N = 0 included: it still writes the zero offsets)
             block_chunk = max(next_pow2(N), MIN_CHUNK)
-            place_kernel[(1,)](ids, ids, ids, sorted_rows, flat_to_sorted, offsets, N, E, N,
+            fast_launch(place_kernel, (1,), ids, ids, ids, sorted_rows, flat_to_sorted, offsets, N, E, N,
                                BLOCK_CHUNK=block_chunk, BLOCK_E=block_e, FUSED=True,
                                num_warps=_warps(block_chunk * block_e))
             return sorted_rows, flat_to_sorted, offsets
@@ -54,13 +54,13 @@ def sort_by_expert(topk_ids: torch.Tensor, num_experts: int, *, chunk: int | Non
         prefix = torch.empty((num_chunks, E), dtype=torch.int32, device=dev)
         totals = torch.empty((E,), dtype=torch.int32, device=dev)
         warps = _warps(chunk * block_e)
-        count_kernel[(num_chunks,)](ids, counts, N, E, chunk, BLOCK_CHUNK=chunk, BLOCK_E=block_e,
+        fast_launch(count_kernel, (num_chunks,), ids, counts, N, E, chunk, BLOCK_CHUNK=chunk, BLOCK_E=block_e,
                                     num_warps=warps)
         scan_experts = min(SCAN_EXPERTS, block_e)
-        scan_kernel[(cdiv(E, scan_experts),)](counts, prefix, totals, num_chunks, E,
+        fast_launch(scan_kernel, (cdiv(E, scan_experts),), counts, prefix, totals, num_chunks, E,
                                               BLOCK_NC=min(SCAN_CHUNKS, next_pow2(num_chunks)),
                                               BLOCK_EE=scan_experts, num_warps=4)
-        place_kernel[(num_chunks,)](ids, prefix, totals, sorted_rows, flat_to_sorted, offsets,
+        fast_launch(place_kernel, (num_chunks,), ids, prefix, totals, sorted_rows, flat_to_sorted, offsets,
                                     N, E, chunk, BLOCK_CHUNK=chunk, BLOCK_E=block_e, FUSED=False,
                                     num_warps=warps)
     return sorted_rows, flat_to_sorted, offsets

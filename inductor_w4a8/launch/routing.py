@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels.routing import routing_kernel
-from ._common import device_guard, next_pow2
+from ._common import device_guard, fast_launch, next_pow2
 
 
 def select_experts(router_logits: torch.Tensor, correction_bias: torch.Tensor | None, top_k: int,
@@ -25,7 +25,7 @@ def select_experts(router_logits: torch.Tensor, correction_bias: torch.Tensor | 
         router_logits = router_logits.contiguous()
     bias = correction_bias.contiguous() if correction_bias is not None else router_logits
     with device_guard(router_logits):
-        routing_kernel[(T,)](
+        fast_launch(routing_kernel, (T,),
             router_logits, bias, weights, ids, router_logits.stride(0), E, groups, group_len,
             topk_group if grouped else 1, float(routed_scaling_factor), TOP_K=top_k,
             BLOCK_G=next_pow2(groups), BLOCK_GL=next_pow2(group_len), BLOCK_K=next_pow2(top_k),

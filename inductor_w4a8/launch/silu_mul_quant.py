@@ -5,7 +5,7 @@ import torch
 
 from .. import formats
 from ..kernels.silu_mul_quant import silu_mul_quant_kernel
-from ._common import device_guard, next_pow2, use_hw_fp8
+from ._common import device_guard, fast_launch, next_pow2, use_hw_fp8
 
 # Rows of up to MAX_ONE_TILE outputs stay in registers (one read of x); longer rows loop.
 MAX_ONE_TILE = 4096
@@ -28,7 +28,7 @@ def silu_mul_quantize_fp8(x: torch.Tensor, *, block_i: int | None = None):
         block_i = next_pow2(I) if I <= MAX_ONE_TILE else LOOP_BLOCK_I
     one_tile = I <= block_i
     with device_guard(x):
-        silu_mul_quant_kernel[(R,)](x, q.view(torch.uint8), scale, I,
+        fast_launch(silu_mul_quant_kernel, (R,), x, q.view(torch.uint8), scale, I,
                                     MIN_SCALE=formats.FP8_MIN_SCALE, BLOCK_I=block_i,
                                     ONE_TILE=one_tile, HW=use_hw_fp8(x),
                                     num_warps=4 if block_i <= 1024 else 8)

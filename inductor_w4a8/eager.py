@@ -1,0 +1,118 @@
+"""W4A8MoE's direct eager path: the ops' own kernels called without the dispatcher.
+
+In eager mode each `torch.ops.w4a8` call pays the dispatcher and torch.library's Python wrappers
+(autograd, aliasing checks) before our kernel runs, and each kernel re-checks inputs that the
+block produced itself. When nothing can observe the difference, W4A8MoE.forward calls the same
+kernels (`ops._<op>_<device>`, the functions registered for the op) directly, and after the
+first call for a given set of shapes, dtypes, devices and parameters, their bodies without the
+checks (the checks would pass again: every input is either checked by W4A8MoE.__call__ or made
+by the previous kernel from them). Outputs are bit for bit those of the ops.
+
+"Nothing can observe" means: not compiling or tracing (torch.compile, export), plain tensors (no
+FakeTensor or other subclass), no TorchDispatchMode / TorchFunctionMode (tracers, recorders,
+`with torch.device(...)`), the profiler off (so profiles keep showing the w4a8:: ops), no
+gradient needed. Otherwise, and with `direct_calls(False)` or W4A8_DIRECT_EAGER=0, the forward
+calls torch.ops.w4a8 as before. The value-check debug switch (checks.value_checks) keeps the
+checked kernels on every call.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from types import SimpleNamespace
+
+import torch
+
+from . import formats, ops, reference
+from .checks import value_checks_enabled
+
+DIRECT_ENV = "W4A8_DIRECT_EAGER"
+_DEFAULT = os.environ.get(DIRECT_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+_state = threading.local()
+CHECKED_ATTR = "_w4a8_direct_checked"  # per module: the keys whose checks passed once
+
+OP_NAMES = ("select_experts", "sort_by_expert", "quantize_fp8_per_token", "gather_rows_fp8",
+            "grouped_gemm", "silu_mul_quantize_fp8", "combine")
+
+
+@contextlib.contextmanager
+def direct_calls(enabled: bool = True):
+    """Allow (default) or forbid W4A8MoE's direct eager calls in this thread."""
+    previous = getattr(_state, "enabled", _DEFAULT)
+    _state.enabled = bool(enabled)
+    try:
+        yield
+    finally:
+        _state.enabled = previous
+
+
+def _checked_kernels(device_type: str) -> SimpleNamespace:
+    return SimpleNamespace(**{n: getattr(ops, f"_{n}_{device_type}") for n in OP_NAMES})
+
+
+def _unchecked_kernels(device_type: str) -> SimpleNamespace:
+    if device_type == "cpu":
+        return SimpleNamespace(
+            select_experts=reference.select_experts, sort_by_expert=reference.sort_by_expert,
+            quantize_fp8_per_token=formats.quantize_fp8_per_token,
+            gather_rows_fp8=reference.gather_rows_fp8, grouped_gemm=ops.grouped_gemm_cpu_math,
+            silu_mul_quantize_fp8=reference.silu_mul_quantize_fp8, combine=ops.combine_cpu_math)
+    from .launch import (fp8_quant, grouped_gemm, moe_combine, moe_gather, moe_sort, routing,
+                         silu_mul_quant)
+    return SimpleNamespace(
+        select_experts=routing.select_experts, sort_by_expert=moe_sort.sort_by_expert,
+        quantize_fp8_per_token=fp8_quant.quantize_fp8_per_token,
+        gather_rows_fp8=moe_gather.gather_rows_fp8, grouped_gemm=grouped_gemm.grouped_gemm,
+        silu_mul_quantize_fp8=silu_mul_quant.silu_mul_quantize_fp8, combine=moe_combine.combine)
+
+
+_tables: dict = {}
+
+
+def _table(device_type: str):
+    table = _tables.get(device_type)
+    if table is None:
+        table = _tables[device_type] = (_checked_kernels(device_type), _unchecked_kernels(device_type))
+    return table
+
+
+def _observed() -> bool:
+    global _dispatch_observed
+    if _dispatch_observed is None:
+        from .lowerings import _compat  # imported late: the package registers lowerings first
+        _dispatch_observed = _compat.dispatch_observed
+    return _dispatch_observed()
+
+
+_dispatch_observed = None
+
+
+def direct_kernels(moe, hidden_states, router_logits):
+    """(kernels, key) for W4A8MoE.forward: kernels is a namespace with the ops' names, or None
+    (call torch.ops.w4a8); key, when not None, is to be passed to `remember_checked` once the
+    forward succeeded with these (checked) kernels."""
+    if not getattr(_state, "enabled", _DEFAULT) or torch.compiler.is_compiling():
+        return None, None
+    if type(hidden_states) is not torch.Tensor or type(router_logits) is not torch.Tensor:
+        return None, None
+    device = hidden_states.device
+    if device.type not in ("cpu", "cuda") or _observed():
+        return None, None
+    if torch.is_grad_enabled() and (hidden_states.requires_grad or router_logits.requires_grad):
+        return None, None
+    checked, unchecked = _table(device.type)
+    if value_checks_enabled(hidden_states):
+        return checked, None
+    # parameters by identity, shape and dtype: replaced (a freed one's id can come back) or
+    # converted in place (module.to(dtype) keeps the Parameter object) -> checked again
+    params = tuple(None if p is None else (id(p), p.shape, p.dtype) for p in moe._parameters.values())
+    key = (hidden_states.shape, router_logits.shape, hidden_states.dtype, router_logits.dtype,
+           device, router_logits.device, params)
+    if key in moe.__dict__.get(CHECKED_ATTR, ()):
+        return unchecked, None
+    return checked, key
+
+
+def remember_checked(moe, key) -> None:
+    moe.__dict__.setdefault(CHECKED_ATTR, set()).add(key)

@@ -1,0 +1,186 @@
+"""launch/_common.py's fast_launch (CPU, CI): the binding logic against a stand-in JIT kernel
+and Triton runtime (no GPU here), the plan of a real @triton.jit kernel, and every fallback to
+the normal kernel[grid](...) launch. The GPU run of the real thing is in test_moe.py /
+test_moe_ops.py (`-m cuda`), which launch every MoE kernel through fast_launch."""
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from inductor_w4a8.launch import _common
+
+
+class _Param:
+    def __init__(self, name, is_constexpr):
+        self.name, self.is_constexpr = name, is_constexpr
+
+
+class _Compiled:
+    """Stands in for triton's CompiledKernel: records direct launches."""
+
+    def __init__(self):
+        self.function, self.packed_metadata, self.direct = object(), object(), []
+
+    def run(self, g0, g1, g2, stream, function, packed, launch_metadata, enter, exit_, *args):
+        assert function is self.function and packed is self.packed_metadata
+        self.direct.append(((g0, g1, g2), stream, args))
+
+
+class _Jit:
+    """Stands in for a JITFunction of `def k(x_ptr, n, scale, BLOCK: tl.constexpr, FLAG: tl.constexpr = True)`."""
+
+    def __init__(self, returns_compiled=True):
+        def k(x_ptr, n, scale, BLOCK, FLAG=True):
+            pass
+        self.signature = inspect.signature(k)
+        self.params = [_Param("x_ptr", False), _Param("n", False), _Param("scale", False),
+                       _Param("BLOCK", True), _Param("FLAG", True)]
+        self.arg_names = [p.name for p in self.params]
+        self.normal, self.returns_compiled, self.compiled = [], returns_compiled, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.normal.append((grid, args, kwargs))
+            if not self.returns_compiled:
+                return None
+            self.compiled.append(_Compiled())
+            return self.compiled[-1]
+        return launch
+
+
+class _Hook:
+    def __init__(self, calls=()):
+        self.calls = list(calls)
+
+
+class _Knobs:
+    def __init__(self, hooked=False):
+        self.launch_enter_hook = _Hook([print] if hooked else [])
+        self.launch_exit_hook = _Hook()
+
+
+class _Driver:
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 1234
+
+
+@pytest.fixture
+def runtime(monkeypatch):
+    """A fake triton runtime, no interpreter, an empty cache; restored afterwards."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(_common, "FAST_LAUNCH", True)
+    _common.clear_fast_launch_cache()
+    monkeypatch.setattr(_common, "_triton_runtime", lambda: (_Knobs(), _Driver()))
+    yield monkeypatch
+    _common.clear_fast_launch_cache()
+
+
+def test_second_launch_is_direct_with_every_argument_in_kernel_order(runtime):
+    k = _Jit()
+    x = torch.empty(64, dtype=torch.float32)
+    first = _common.fast_launch(k, (3,), x, 16, 0.5, BLOCK=128, num_warps=4)
+    second = _common.fast_launch(k, (3,), x, 16, 0.25, BLOCK=128, num_warps=4)
+    assert len(k.normal) == 1 and second is first
+    # the default of the trailing constexpr is filled in, grid padded to 3 dims, current stream
+    assert first.direct == [((3, 1, 1), 1234, (x, 16, 0.25, 128, True))]
+
+
+@pytest.mark.parametrize("change", ["dtype", "misaligned", "int width", "int divisibility",
+                                    "int is 1", "constexpr", "option", "bool flag"])
+def test_any_specialization_change_goes_through_the_jit_again(runtime, change):
+    k = _Jit()
+    base = torch.empty(64, dtype=torch.float32)
+    args, kwargs = [base, 32, 1.0], dict(BLOCK=64, num_warps=4)
+    _common.fast_launch(k, (1,), *args, **kwargs)
+    if change == "dtype":
+        args[0] = torch.empty(64, dtype=torch.bfloat16)
+    elif change == "misaligned":
+        args[0] = base[1:]  # 4 bytes past a 16-byte boundary
+    elif change == "int width":
+        args[1] = 2**31 + 32
+    elif change == "int divisibility":
+        args[1] = 33
+    elif change == "int is 1":
+        args[1] = 1
+    elif change == "constexpr":
+        kwargs["BLOCK"] = 128
+    elif change == "option":
+        kwargs["num_warps"] = 8
+    else:
+        kwargs["FLAG"] = False
+    _common.fast_launch(k, (1,), *args, **kwargs)
+    assert len(k.normal) == 2, change
+    assert all(not c.direct for c in k.compiled)
+
+
+@pytest.mark.parametrize("reason", ["interpreter", "switch off", "launch hook", "no compiled kernel",
+                                    "no triton runtime", "not a JIT function"])
+def test_fallbacks_use_the_normal_launch(runtime, reason):
+    k = _Jit(returns_compiled=reason != "no compiled kernel")
+    if reason == "interpreter":
+        runtime.setenv("TRITON_INTERPRET", "1")
+    elif reason == "switch off":
+        runtime.setattr(_common, "FAST_LAUNCH", False)
+    elif reason == "launch hook":
+        runtime.setattr(_common, "_triton_runtime", lambda: (_Knobs(hooked=True), _Driver()))
+    elif reason == "no triton runtime":
+        runtime.setattr(_common, "_triton_runtime", lambda: None)
+    elif reason == "not a JIT function":
+        del k.params
+    x = torch.empty(16)
+    for _ in range(3):
+        _common.fast_launch(k, (2,), x, 16, 1.0, BLOCK=16)
+    assert len(k.normal) == 3, reason
+    assert all(not c.direct for c in k.compiled)
+
+
+def test_missing_argument_is_refused_before_any_launch(runtime):
+    k = _Jit()
+    with pytest.raises(TypeError, match="BLOCK"):
+        _common._Plan(k, 3, ())
+    assert k.normal == []
+
+
+@triton.jit
+def _real_kernel(x_ptr, out_ptr, n, scale, BLOCK: tl.constexpr, HW: tl.constexpr = False):
+    offs = tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * scale, mask=offs < n)
+
+
+def test_plan_of_a_real_triton_kernel():
+    """The attributes fast_launch reads exist on this triton's JITFunction and mean what it
+    assumes (parameter order, constexpr flags, defaults)."""
+    plan = _common._Plan(_real_kernel, 3, ("scale", "BLOCK", "num_warps"))
+    assert plan.sources == (("pos", 0), ("pos", 1), ("pos", 2), ("kw", "scale"), ("kw", "BLOCK"),
+                            ("const", False))
+    assert plan.runtime == (True, True, True, True, False, False)
+    assert plan.option_names == ("num_warps",)
+
+
+def test_real_kernel_under_the_interpreter_matches_torch():
+    """Under TRITON_INTERPRET=1 (a child process) fast_launch takes the normal launch and the
+    kernel computes what it should."""
+    import subprocess
+    import sys
+    code = (
+        "import torch, triton, triton.language as tl\n"
+        "from inductor_w4a8.launch._common import fast_launch\n"
+        "@triton.jit\n"
+        "def k(x_ptr, out_ptr, n, scale, BLOCK: tl.constexpr):\n"
+        "    offs = tl.arange(0, BLOCK)\n"
+        "    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * scale, mask=offs < n)\n"
+        "x = torch.randn(50); out = torch.full((50,), float('nan'))\n"
+        "for s in (2.0, 3.0):\n"
+        "    fast_launch(k, (1,), x, out, 50, s, BLOCK=64)\n"
+        "    assert torch.equal(out, x * s), s\n"
+        "print('ok')\n")
+    env = {**__import__("os").environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
