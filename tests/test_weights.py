@@ -262,7 +262,7 @@ def _config(**changes):
     ({"input_activations__type": "int"}, "input_activations.type='int'"),
     ({"input_activations__num_bits": 4}, "input_activations.num_bits=4"),
     ({"input_activations": None}, "input_activations=None"),
-    ({"format": "int-quantized"}, "format='int-quantized'"),
+    ({"format": "float-quantized"}, "format='float-quantized'"),
     ({"quant_method": "fp8"}, "quant_method='fp8'"),
     ({"quantization_status": "frozen"}, "quantization_status='frozen'"),
 ])
