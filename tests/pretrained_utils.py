@@ -56,8 +56,10 @@ def llm_compressor_checkpoint(model, path: Path, fmt: str, quantize_attention: b
     from llmcompressor.modifiers.quantization import QuantizationModifier
     model = copy.deepcopy(model)
     src = Path(tempfile.mkdtemp())
-    model.config.save_pretrained(src)       # oneshot reads the model's config from its name_or_path
-    model.config._name_or_path = str(src)
+    # oneshot and save_pretrained read the source model's own files (a copy saves them: saving
+    # rewrites the saved model's config.dtype as a string)
+    copy.deepcopy(model).save_pretrained(src)
+    model.config._name_or_path = model.name_or_path = str(src)
     ignore = list(ROUTER_IGNORE) + ([] if quantize_attention else ["re:.*self_attn.*"])
     oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme="W4AFP8", ignore=ignore))
     model.save_pretrained(path, save_compressed=True, quantization_format=fmt)
@@ -88,7 +90,9 @@ def dequantized_reference(path: Path, dtype=torch.float32):
                                     input_activations=group.get("input_activations"))
         local = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == module}
         weights[module] = BaseCompressor.load_from_registry(fmt).decompress(local, scheme)["weight"]
-    state = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[0] not in quantized}
+    fields = ("weight", "weight_packed", "weight_scale", "weight_shape")
+    state = {k: v for k, v in tensors.items()
+             if k.rsplit(".", 1)[0] not in quantized or k.rsplit(".", 1)[1] not in fields}
     state.update({f"{m}.weight": w for m, w in weights.items()})
     state = _fuse_experts({re.sub(r"\.block_sparse_moe\.", ".mlp.", k): v for k, v in state.items()})
     config = transformers.AutoConfig.from_pretrained(str(path))
