@@ -12,7 +12,8 @@ nn.Linear modules (4.x: gate_proj / up_proj / down_proj, or Mixtral's w1 / w3 / 
 
 The replacement keeps the block's router module (so transformers' router-logit recording and
 `output_router_logits` still see it), quantizes the experts (formats.quantize_w4, groups along
-K) into a W4A8MoE, and returns what the original block returned: the hidden states, or
+K) into a W4A8MoE (built by inductor_w4a8.moe_builder, the same builder the checkpoint loaders
+use), and returns what the original block returned: the hidden states, or
 (hidden_states, router_logits) for the 4.x blocks that return that pair. Only the routed experts
 become W4A8; attention, router, shared experts and everything else stay as they are.
 """
@@ -27,11 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import formats
-from .moe import W4A8MoE
 from .moe_builder import build_w4a8_moe, process_group_rank, quantize_experts
 
 __all__ = ["patch_moe", "W4A8SparseMoeBlock", "find_moe_blocks", "expert_weights", "moe_routing_of",
-           "w4a8_block", "block_sizes"]
+           "w4a8_block"]
 
 _GATE_NAMES, _UP_NAMES, _DOWN_NAMES = ("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")
 
@@ -234,12 +234,6 @@ def _pick_group_size(H: int, group_size: int | None) -> int:
             return g
     raise ValueError(f"hidden_size={H} is not a multiple of any supported group size "
                      f"{formats.SUPPORTED_GROUP_SIZES}")
-
-
-def block_sizes(block: nn.Module) -> tuple[int, int, int]:
-    """(E, I, H) of a sparse-MoE block's experts (works on the meta device: shapes only)."""
-    w1, _, _ = expert_weights(block.experts)
-    return tuple(w1.shape)
 
 
 def w4a8_block(name: str, block: nn.Module, experts: nn.Module) -> W4A8SparseMoeBlock:

@@ -269,10 +269,11 @@ def test_from_pretrained_generates_on_the_gpu_eager_compiled_and_graphed(tmp_pat
     assert ccos > 0.9999 and (got == want).float().mean() >= 0.9
     model.forward = forward
     block = next(m for m in model.modules() if isinstance(m, W4A8SparseMoeBlock))
-    runner = w4a8.CUDAGraphRunner(block.experts, max_num_batched_tokens=64)
+    runner = w4a8.CUDAGraphRunner(block.experts, max_num_batched_tokens=64, progress=False)
     H, E = block.experts.hidden_size, block.experts.num_experts
-    for T in (1, 7, 64):
+    for T in (1, 7, 64, 100):
         x = torch.randn(T, H, device="cuda").to(torch.bfloat16)
         logits = torch.randn(T, E, device="cuda")
         with torch.no_grad():
-            assert torch.equal(runner(x, logits), block.experts(x, logits)), T
+            # padded to a capture size, the GEMM may pick another tile: equal up to summation order
+            assert rel_error(runner(x, logits), block.experts(x, logits)) < 1e-2, T
