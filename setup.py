@@ -11,7 +11,12 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy"],
     extras_require={
-        "test": ["pytest", "expecttest", "safetensors", "numpy", "transformers"],
+        # llm-compressor writes the checkpoints tests/test_pretrained.py loads, compressed-tensors
+        # dequantizes them for the reference; llmcompressor 0.14.0.1 pins compressed-tensors 0.19.0
+        # and transformers <= 5.17.0 (tested with 5.17.0 and torch 2.13.0)
+        "test": ["pytest", "expecttest", "safetensors", "numpy", "transformers", "llmcompressor==0.14.0.1",
+                 "compressed-tensors==0.19.0"],
         "hf": ["transformers", "safetensors"],
+        "llmcompressor": ["llmcompressor==0.14.0.1", "compressed-tensors==0.19.0"],
     },
 )

@@ -12,7 +12,8 @@ nn.Linear modules (4.x: gate_proj / up_proj / down_proj, or Mixtral's w1 / w3 / 
 
 The replacement keeps the block's router module (so transformers' router-logit recording and
 `output_router_logits` still see it), quantizes the experts (formats.quantize_w4, groups along
-K) into a W4A8MoE, and returns what the original block returned: the hidden states, or
+K) into a W4A8MoE (built by inductor_w4a8.moe_builder, the same builder the checkpoint loaders
+use), and returns what the original block returned: the hidden states, or
 (hidden_states, router_logits) for the 4.x blocks that return that pair. Only the routed experts
 become W4A8; attention, router, shared experts and everything else stay as they are.
 """
@@ -23,15 +24,14 @@ import inspect
 import textwrap
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from . import formats
-from .moe import W4A8MoE
-from .tp import TensorParallelW4A8MoE, process_on_side_stream, shard_w4a8_moe
+from .moe_builder import build_w4a8_moe, process_group_rank, quantize_experts
 
-__all__ = ["patch_moe", "W4A8SparseMoeBlock", "find_moe_blocks", "expert_weights", "moe_routing_of"]
+__all__ = ["patch_moe", "W4A8SparseMoeBlock", "find_moe_blocks", "expert_weights", "moe_routing_of",
+           "w4a8_block"]
 
 _GATE_NAMES, _UP_NAMES, _DOWN_NAMES = ("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")
 
@@ -236,6 +236,22 @@ def _pick_group_size(H: int, group_size: int | None) -> int:
                      f"{formats.SUPPORTED_GROUP_SIZES}")
 
 
+def w4a8_block(name: str, block: nn.Module, experts: nn.Module) -> W4A8SparseMoeBlock:
+    """The W4A8 replacement of a transformers sparse-MoE block around built W4A8 `experts`
+    (a W4A8MoE or its tensor-parallel wrapper): the block's own router and shared experts."""
+    E = block.gate.weight.shape[0]
+    H = block.gate.weight.shape[1]
+    scoring = "sigmoid" if getattr(block.gate, "e_score_correction_bias", None) is not None else "softmax"
+    shared_experts = getattr(block, "shared_experts", None)
+    shared_expert = getattr(block, "shared_expert", None)
+    return W4A8SparseMoeBlock(
+        block.gate, experts, router_mode=_router_mode(block.gate, H, E), returns_pair=_returns_pair(block),
+        router_fp32=scoring == "sigmoid",
+        shared_experts=shared_experts if isinstance(shared_experts, nn.Module) else None,
+        shared_expert=shared_expert if isinstance(shared_expert, nn.Module) else None,
+        shared_expert_gate=getattr(block, "shared_expert_gate", None), source=type(block).__name__)
+
+
 def _convert_block(name: str, block: nn.Module, config, *, group_size, scale_mode, process_group,
                    process: bool) -> W4A8SparseMoeBlock:
     w1, w3, w2 = expert_weights(block.experts)
@@ -245,29 +261,14 @@ def _convert_block(name: str, block: nn.Module, config, *, group_size, scale_mod
                         f"{E} experts of hidden size {H}")
     routing = moe_routing_of(block, config)
     G = _pick_group_size(H, group_size)
-    # I need not be a multiple of G: pad with zero channels (exact: silu(0) * 0 = 0), as tp.py does
-    pad = -I % G
-    if pad:
-        w1, w3 = F.pad(w1, (0, 0, 0, pad)), F.pad(w3, (0, 0, 0, pad))
-        w2 = F.pad(w2, (0, pad))
     bias = getattr(block.gate, "e_score_correction_bias", None)
-    kwargs = {} if scale_mode is None else {"scale_mode": scale_mode}
-    moe = W4A8MoE.from_float(w1.to(torch.bfloat16), w3.to(torch.bfloat16), w2.to(torch.bfloat16),
-                             group_size=G, e_score_correction_bias=None if bias is None else bias.detach(),
-                             **routing, **kwargs)
-    if process_group is not None:
-        moe = TensorParallelW4A8MoE(shard_w4a8_moe(moe, dist.get_rank(process_group),
-                                                   dist.get_world_size(process_group)), process_group)
-    if process:
-        process_on_side_stream(moe.local if process_group is not None else moe)
-    shared_experts = getattr(block, "shared_experts", None)
-    shared_expert = getattr(block, "shared_expert", None)
-    return W4A8SparseMoeBlock(
-        block.gate, moe, router_mode=_router_mode(block.gate, H, E), returns_pair=_returns_pair(block),
-        router_fp32=routing["scoring"] == "sigmoid",
-        shared_experts=shared_experts if isinstance(shared_experts, nn.Module) else None,
-        shared_expert=shared_expert if isinstance(shared_expert, nn.Module) else None,
-        shared_expert_gate=getattr(block, "shared_expert_gate", None), source=type(block).__name__)
+    packed = quantize_experts(w1.to(torch.bfloat16), w3.to(torch.bfloat16), w2.to(torch.bfloat16), G)
+    rank, world = process_group_rank(process_group)
+    moe = build_w4a8_moe(*packed, group_size=G, routing=routing,
+                         e_score_correction_bias=None if bias is None else bias.detach(),
+                         scale_mode=scale_mode, tp_rank=rank, tp_size=world, process_group=process_group,
+                         process=process)
+    return w4a8_block(name, block, moe)
 
 
 def patch_moe(model: nn.Module, *, group_size: int | None = None, scale_mode: str | None = None,
@@ -282,6 +283,9 @@ def patch_moe(model: nn.Module, *, group_size: int | None = None, scale_mode: st
     config = getattr(model, "config", None)
     config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
     blocks = find_moe_blocks(model)
+    if not blocks and any(isinstance(m, W4A8SparseMoeBlock) for m in model.modules()):
+        raise ValueError(f"{type(model).__name__} is already patched: its sparse-MoE blocks are "
+                         f"W4A8SparseMoeBlock (patch_moe replaces bf16 blocks once)")
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no sparse-MoE block (a module with a `gate` "
                          f"router and `experts`) to replace")

@@ -487,7 +487,79 @@ def _combine_cuda(y, flat_to_sorted, topk_weights):
     return _launcher("moe_combine").combine(y, flat_to_sorted, topk_weights)
 
 
+# ============================================================================================
+# W4A8 linear: the grouped GEMM with one expert (inductor_w4a8.linear.W4A8Linear)
+# ============================================================================================
+def _check_linear(x: Tensor, w: Tensor, w_scale: Tensor, w_chan_scale: Tensor | None,
+                  group_size: int) -> None:
+    op = "linear"
+    check_dtype(op, "x", x, torch.bfloat16)
+    check_rank(op, "x", x, 2, "[T, K] bf16 tokens")
+    check_contiguous(op, "x", x)
+    check_dtype(op, "w", w, formats.gemm_layout_dtype())
+    check_rank(op, "w", w, 3, "[1, N, K // 8] from w4a8::encode_and_reorder_int4b_grouped")
+    check_contiguous(op, "w", w)
+    check_same_device(op, x=x, w=w, w_scale=w_scale, w_chan_scale=w_chan_scale)
+    T, K = x.shape
+    E, N, words = w.shape
+    if E != 1:
+        fail(op, f"w holds {E} experts; a linear layer's weight is one [1, N, K // 8] matrix")
+    if words * formats.NIBBLES_PER_WORD != K:
+        fail(op, f"x has K={K} features but w holds K={words * formats.NIBBLES_PER_WORD} "
+                 f"(w.shape[2] * 8); they must match")
+    if group_size not in formats.SUPPORTED_GROUP_SIZES:
+        fail(op, f"group_size={group_size} is not supported; use one of {formats.SUPPORTED_GROUP_SIZES}")
+    if K % group_size:
+        fail(op, f"K={K} is not a multiple of group_size={group_size}")
+    if w_chan_scale is None:
+        check_dtype(op, "w_scale", w_scale, torch.bfloat16)
+    else:
+        check_dtype(op, "w_scale", w_scale, FP8)
+        check_dtype(op, "w_chan_scale", w_chan_scale, torch.float32)
+        check_shape(op, "w_chan_scale", w_chan_scale, (1, N, 1), "[1, N, 1] fp32 channel scales")
+        check_contiguous(op, "w_chan_scale", w_chan_scale)
+    check_shape(op, "w_scale", w_scale, (1, N, K // group_size), "[1, N, K // group_size] group scales")
+    check_contiguous(op, "w_scale", w_scale)
+
+
+def _single_expert_offsets(T: int, device) -> Tensor:
+    # [0, T] made on the device from the shape: no host-to-device copy, so capture-safe
+    return torch.arange(2, dtype=torch.int64, device=device) * T
+
+
+@torch.library.custom_op("w4a8::linear", mutates_args=())
+def linear(x: Tensor, w: Tensor, w_scale: Tensor, w_chan_scale: Tensor | None, group_size: int) -> Tensor:
+    """bf16 [T, K] -> bf16 [T, N]: x quantized to fp8 per token, times the int4 weight with its
+    group scales (and channel scales in fp8 mode), fp32 accumulation; `grouped_gemm` with E = 1."""
+    raise NotImplementedError(f"w4a8::linear has no kernel for {x.device}")
+
+
+@linear.register_fake
+def _(x, w, w_scale, w_chan_scale, group_size):
+    _check_linear(x, w, w_scale, w_chan_scale, group_size)
+    return x.new_empty((x.shape[0], w.shape[1]), dtype=torch.bfloat16)
+
+
+@linear.register_kernel("cpu")
+def _(x, w, w_scale, w_chan_scale, group_size):
+    _check_linear(x, w, w_scale, w_chan_scale, group_size)
+    xq, x_scale = formats.quantize_fp8_per_token(x)
+    q = formats.decode_gemm_layout(w)
+    return reference.grouped_gemm(xq, x_scale, q, w_scale, w_chan_scale,
+                                  _single_expert_offsets(x.shape[0], x.device), group_size).to(torch.bfloat16)
+
+
+@linear.register_kernel("cuda")
+def _(x, w, w_scale, w_chan_scale, group_size):
+    _check_linear(x, w, w_scale, w_chan_scale, group_size)
+    if x.shape[0] == 0:
+        return x.new_empty((0, w.shape[1]), dtype=torch.bfloat16)
+    xq, x_scale = _launcher("fp8_quant").quantize_fp8_per_token(x)
+    return _launcher("grouped_gemm").grouped_gemm(xq, x_scale, w, w_scale, w_chan_scale,
+                                                  _single_expert_offsets(x.shape[0], x.device), group_size)
+
+
 # every op with a floating input (the others cannot be handed a tensor that requires grad)
 for _name in ("convert_bf16_scales_to_fp8", "quantize_fp8_per_token", "silu_mul_quantize_fp8",
-              "grouped_gemm", "select_experts", "gather_rows_fp8", "combine"):
+              "grouped_gemm", "select_experts", "gather_rows_fp8", "combine", "linear"):
     _inference_only(globals()[_name], _name)

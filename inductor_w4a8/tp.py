@@ -25,6 +25,9 @@ sides). The same padding makes a checkpoint whose I is not a multiple of G loada
 Tensor parallel activation quantization is per rank: the fp8 scale of the intermediate
 activations is the amax over the rank's own channels, so TP>1 is not bitwise TP=1 (it is, if
 anything, slightly more accurate); the tests check both against the exact reference.
+
+This module holds the sharding math and the all-reduce wrapper only; layers are built (and
+sharded) by `inductor_w4a8.moe_builder`, which imports this one (never the other way round).
 """
 from __future__ import annotations
 
@@ -37,8 +40,7 @@ from torch import nn
 from . import formats
 
 __all__ = ["IntermediateShard", "intermediate_shard", "shard_rows", "shard_k", "shard_expert_weights",
-           "shard_w4a8_moe", "TensorParallelW4A8MoE", "tensor_parallel_moe", "all_reduce",
-           "process_on_side_stream"]
+           "TensorParallelW4A8MoE", "all_reduce", "process_on_side_stream"]
 
 
 @dataclass(frozen=True)
@@ -168,31 +170,8 @@ def shard_expert_weights(w13_packed, w13_scale, w2_packed, w2_scale, spec: Inter
 
 
 # ------------------------------------------------------------------------------------------------
-# Layers
+# Layers (built by inductor_w4a8.moe_builder: shard_w4a8_moe, tensor_parallel_moe)
 # ------------------------------------------------------------------------------------------------
-ROUTING_ATTRIBUTES = ("top_k", "scoring", "renormalize", "n_group", "topk_group", "routed_scaling_factor")
-
-
-def shard_w4a8_moe(layer, rank: int, world_size: int, *, device=None, process: bool = False):
-    """A W4A8MoE holding checkpoint-form weights (not yet post-processed) -> the rank's W4A8MoE
-    with local intermediate size `intermediate_shard(...).local_size` (post-processed if process)."""
-    from .weights import build_w4a8_moe
-    if getattr(layer, "w13_weight_packed", None) is None:
-        raise ValueError("shard_w4a8_moe needs the checkpoint-form weights (w13_weight_packed ...): "
-                         "shard before process_weights_after_loading()")
-    missing = [n for n in ROUTING_ATTRIBUTES + ("group_size", "scale_mode") if not hasattr(layer, n)]
-    if missing:
-        raise TypeError(f"{type(layer).__name__} lacks the W4A8MoE attributes {missing}")
-    bias = getattr(layer, "e_score_correction_bias", None)
-    return build_w4a8_moe(layer.w13_weight_packed.detach(), layer.w13_weight_scale.detach(),
-                          layer.w2_weight_packed.detach(), layer.w2_weight_scale.detach(),
-                          group_size=layer.group_size,
-                          routing={n: getattr(layer, n) for n in ROUTING_ATTRIBUTES},
-                          e_score_correction_bias=None if bias is None else bias.detach(),
-                          scale_mode=layer.scale_mode, device=device, tp_rank=rank, tp_size=world_size,
-                          process=process)
-
-
 def process_on_side_stream(layer) -> None:
     """Post-process a layer on a stream of its own (each rank its own stream on CUDA).
 
@@ -242,18 +221,3 @@ class TensorParallelW4A8MoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         return all_reduce(self.local(hidden_states, router_logits), self.group)
-
-
-def tensor_parallel_moe(layer, group=None, *, device=None, process: bool = True) -> TensorParallelW4A8MoE:
-    """Shard a checkpoint-form W4A8MoE over the process group (rank and size from torch.distributed),
-    move the rank's shard to `device`, and post-process it on a stream of its own."""
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        raise RuntimeError("tensor_parallel_moe needs torch.distributed initialised "
-                           "(dist.init_process_group) first")
-    g = group if group is not None else dist.group.WORLD
-    local = shard_w4a8_moe(layer, dist.get_rank(g), dist.get_world_size(g), device=device)
-    tp = TensorParallelW4A8MoE(local, group)
-    if process:
-        tp.process_weights_after_loading()
-    return tp

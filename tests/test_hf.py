@@ -302,6 +302,10 @@ def test_refusals():
         w4a8.patch_moe(biased)
     with pytest.raises(ValueError, match="no sparse-MoE block"):
         w4a8.patch_moe(nn.Sequential(nn.Linear(4, 4)))
+    patched = Holder(MixtralBlock4x())
+    w4a8.patch_moe(patched)
+    with pytest.raises(ValueError, match="already patched"):
+        w4a8.patch_moe(patched)
     odd = Holder(MixtralBlock4x(H=40, I=32))
     with pytest.raises(ValueError, match="hidden_size=40"):
         w4a8.patch_moe(odd)

@@ -12,8 +12,8 @@ import torch.multiprocessing as mp
 from inductor_w4a8 import formats, reference
 from inductor_w4a8.moe import W4A8MoE
 from inductor_w4a8.testing import rel_error
-from inductor_w4a8.tp import (TensorParallelW4A8MoE, intermediate_shard, shard_expert_weights,
-                              shard_w4a8_moe, tensor_parallel_moe)
+from inductor_w4a8.moe_builder import shard_w4a8_moe, tensor_parallel_moe
+from inductor_w4a8.tp import TensorParallelW4A8MoE, intermediate_shard, shard_expert_weights
 from inductor_w4a8.weights import load_w4a8_checkpoint, save_w4a8_checkpoint
 
 LAYER = "model.layers.0.mlp"

@@ -262,7 +262,7 @@ def _config(**changes):
     ({"input_activations__type": "int"}, "input_activations.type='int'"),
     ({"input_activations__num_bits": 4}, "input_activations.num_bits=4"),
     ({"input_activations": None}, "input_activations=None"),
-    ({"format": "int-quantized"}, "format='int-quantized'"),
+    ({"format": "float-quantized"}, "format='float-quantized'"),
     ({"quant_method": "fp8"}, "quant_method='fp8'"),
     ({"quantization_status": "frozen"}, "quantization_status='frozen'"),
 ])
@@ -323,3 +323,77 @@ def test_bad_checkpoints_are_refused(tmp_path):
         load_w4a8_checkpoint(tmp_path / "nowhere")
     with safe_open(str(base / "model.safetensors"), framework="pt") as f:      # the base still loads
         assert f.get_tensor(f"{LAYER}.experts.0.gate_proj.weight_packed").dtype == torch.int32
+
+
+# ------------------------------------------------------------------------------------------------
+# int-quantized, file errors, key spellings in messages
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["per_expert", "stacked_projections"])
+def test_int_quantized_loads_the_same_layer_as_pack_quantized(tmp_path, layout, seed):
+    """llm-compressor's default W4AFP8 format stores each q in [-8, 7] in an int8 `weight`; it
+    loads into the same int4 words as pack-quantized, bit for bit."""
+    w1, w3, w2 = bf16_experts(E=3, H=128, I=96, seed=seed)
+    packed = save_w4a8_checkpoint(tmp_path / "pack", {LAYER: (w1, w3, w2)}, group_size=32, config=QWEN)
+    ints = save_w4a8_checkpoint(tmp_path / "int", {LAYER: (w1, w3, w2)}, group_size=32, config=QWEN,
+                                format="int-quantized")
+    t = load_file(str(ints / "model.safetensors"))
+    q = t[f"{LAYER}.experts.1.down_proj.weight"]
+    assert q.dtype == torch.int8 and tuple(q.shape) == (128, 96) and q.min() >= -8 and q.max() <= 7
+    assert json.loads((ints / "config.json").read_text())["quantization_config"]["format"] == "int-quantized"
+    if layout == "stacked_projections":
+        stacked = {}
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            for f in ("weight", "weight_scale"):
+                stacked[f"{LAYER}.experts.{proj}.{f}"] = torch.stack([t[f"{LAYER}.experts.{e}.{proj}.{f}"]
+                                                                      for e in range(3)])
+        save_file(stacked, str(ints / "model.safetensors"))
+    a, b = load_w4a8_checkpoint(packed).moe_layers[LAYER], load_w4a8_checkpoint(ints).moe_layers[LAYER]
+    for name, v in a.state_dict().items():
+        assert torch.equal(b.state_dict()[name], v), name
+    bad = dict(t)
+    bad[f"{LAYER}.experts.0.gate_proj.weight"] = bad[f"{LAYER}.experts.0.gate_proj.weight"] * 2
+    save_file(bad, str(ints / "model.safetensors"))
+    with pytest.raises(W4A8CheckpointError, match=r"experts.0.gate_proj.weight holds values in \[-16"):
+        load_w4a8_checkpoint(ints)
+
+
+def test_errors_name_keys_in_the_files_own_spelling(tmp_path):
+    w1, w3, w2 = bf16_experts(E=2, H=128, I=64)
+    base = save_w4a8_checkpoint(tmp_path / "base", {LAYER: (w1, w3, w2)}, group_size=64, config=QWEN)
+    t = load_file(str(base / "model.safetensors"))
+    mixtral = {k.replace("gate_proj", "w1").replace("up_proj", "w3").replace("down_proj", "w2"): v
+               for k, v in t.items() if "experts.1.gate_proj.weight_packed" not in k}
+    d = tmp_path / "mixtral"
+    d.mkdir()
+    save_file(mixtral, str(d / "model.safetensors"))
+    (d / "config.json").write_text((base / "config.json").read_text())
+    with pytest.raises(W4A8CheckpointError) as err:
+        load_w4a8_checkpoint(d)
+    assert f"{LAYER}.experts.1.w1.weight_packed" in str(err.value) and ".gate." not in str(err.value)
+
+
+def test_bad_files_are_refused_naming_the_file(tmp_path):
+    w1, w3, w2 = bf16_experts(E=2, H=128, I=64)
+    good = save_w4a8_checkpoint(tmp_path / "good", {LAYER: (w1, w3, w2)}, group_size=64, config=QWEN,
+                                max_shard_bytes=20_000)
+    index = json.loads((good / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[-1]
+    import shutil
+
+    def variant(name, edit):
+        d = tmp_path / name
+        shutil.copytree(good, d)
+        edit(d)
+        return d
+    cases = [
+        (variant("json", lambda d: (d / "config.json").write_text('{"model_type": ')), "config.json", "JSON"),
+        (variant("list", lambda d: (d / "config.json").write_text("[1]")), "config.json", "object"),
+        (variant("nomap", lambda d: (d / "model.safetensors.index.json").write_text("{}")),
+         "model.safetensors.index.json", "weight_map"),
+        (variant("shard", lambda d: (d / shard).unlink()), "model.safetensors.index.json", shard),
+        (variant("cut", lambda d: (d / shard).write_bytes((d / shard).read_bytes()[:-100])), shard, "safetensors"),
+    ]
+    for d, file, what in cases:
+        with pytest.raises(W4A8CheckpointError) as err:
+            load_w4a8_checkpoint(d)
+        assert str(d / file) in str(err.value) and what in str(err.value), (d.name, str(err.value))
