@@ -2,6 +2,7 @@
 the w4a8 backend, served in chunked-prefill and decode batches, accurate) and the bench pass-through."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -19,6 +20,19 @@ def run_module(*args, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def _shape_of(text: str) -> list[str]:
+    """Lines with every number masked and spaces collapsed: the demo's output format, not its values."""
+    number = r"[-+]?\d[\d,]*(\.\d+)?(e[-+]?\d+)?"
+    return [" ".join(re.sub(number, "#", line).split()) for line in text.strip().splitlines()]
+
+
+def readme_cpu_output() -> str:
+    """The demo output README.md shows as the real output on the CPU machine."""
+    blocks = re.findall(r"```\n(inductor_w4a8 demo: device cpu.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(blocks) == 1, "README.md shows one CPU demo output"
+    return blocks[0]
+
+
 def test_demo_cpu(tmp_path):
     out_json = tmp_path / "demo.json"
     t = time.perf_counter()
@@ -31,6 +45,7 @@ def test_demo_cpu(tmp_path):
                  "[4/5] no CUDA graphs on cpu", "[5/5] serving", "accuracy:", "throughput:"):
         assert step in p.stdout, step
     assert "w4a8: warming up (no CUDA graphs)" in p.stderr       # per-size progress of step 3
+    assert _shape_of(p.stdout) == _shape_of(readme_cpu_output())  # README shows what it prints
     result = json.loads(out_json.read_text())
     batches = result["batches"]
     assert [b["tokens"] for b in batches] == [256, 256, 88, 1, 4, 16]    # 600 = 256 + 256 + 88
