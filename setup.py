@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy"],
     extras_require={
-        "test": ["pytest", "expecttest", "safetensors", "numpy", "transformers"],
+        "test": ["pytest", "expecttest", "safetensors", "numpy", "transformers", "hypothesis"],
         "hf": ["transformers", "safetensors"],
     },
 )
