@@ -29,10 +29,16 @@ def python_blocks(text: str) -> list[tuple[int, str]]:
 
 
 def _params():
+    """Each block once as CI runs it (no GPU: the blocks pick the CPU) and once in the GPU suite
+    (they pick CUDA there); a `# gpu-only` block in the GPU suite only."""
     params = []
     for line, code in python_blocks(README.read_text()):
-        marks = [pytest.mark.cuda, pytest.mark.slow] if code.lstrip().startswith(GPU_ONLY) else []
-        params.append(pytest.param(code, id=f"README.md:{line}", marks=marks))
+        if code.lstrip().startswith(GPU_ONLY):
+            params.append(pytest.param(code, id=f"README.md:{line}-gpu",
+                                       marks=[pytest.mark.cuda, pytest.mark.slow]))
+            continue
+        params.append(pytest.param(code, id=f"README.md:{line}"))
+        params.append(pytest.param(code, id=f"README.md:{line}-gpu", marks=pytest.mark.cuda))
     return params
 
 
