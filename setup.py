@@ -14,7 +14,7 @@ setup(
         # llm-compressor writes the checkpoints tests/test_pretrained.py loads, compressed-tensors
         # dequantizes them for the reference; llmcompressor 0.14.0.1 pins compressed-tensors 0.19.0
         # and transformers <= 5.17.0 (tested with 5.17.0 and torch 2.13.0)
-        "test": ["pytest", "expecttest", "safetensors", "numpy", "transformers", "llmcompressor==0.14.0.1",
+        "test": ["pytest", "expecttest", "safetensors", "numpy", "transformers", "hypothesis", "llmcompressor==0.14.0.1",
                  "compressed-tensors==0.19.0"],
         "hf": ["transformers", "safetensors"],
         "llmcompressor": ["llmcompressor==0.14.0.1", "compressed-tensors==0.19.0"],

@@ -12,7 +12,8 @@ Prints:
   * with --memcheck: one replay at 8192 and 8191 tokens of a captured compiled layer, to run
     under compute-sanitizer (a reduced hidden size unless --full).
 Times are medians over repeated runs with the L2 flushed before each (as docs/perf.md).
-Writes graph_report_<gemm>_<fuse>.json to $OUT (or .); --kernels lists each kernel.
+Writes graph_report_<gemm>_<fuse>.json to --out (default $OUT, else .); --kernels lists each
+kernel. GPU only.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import torch
 
 import inductor_w4a8 as w4a8
 from inductor_w4a8 import value_checks
+from inductor_w4a8.cli import output_dir, require_cuda
 from inductor_w4a8.cudagraph import CUDAGraphRunner
 from inductor_w4a8.testing import random_checkpoint_
 
@@ -162,24 +164,27 @@ def memcheck(args) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--max-tokens", type=int, default=8192)
-    p.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 8192])
-    p.add_argument("--gemm", choices=("triton", "extern"), default="triton")
-    p.add_argument("--fuse", default="default")
-    p.add_argument("--reps", type=int, default=50)
+    p = argparse.ArgumentParser(prog="graph_report.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--max-tokens", type=int, default=8192, help="largest capture size")
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 8192], help="token counts timed")
+    p.add_argument("--gemm", choices=("triton", "extern"), default="triton",
+                   help="grouped GEMM in compiled code: our Triton lowering or the extern op")
+    p.add_argument("--fuse", default="default", help="w4a8.fuse option: default, none or all")
+    p.add_argument("--reps", type=int, default=50, help="timed replays per measurement (median)")
+    p.add_argument("--out", type=output_dir, default=os.environ.get("OUT", "."),
+                   help="folder of the JSON report (default: $OUT, else the current folder)")
     p.add_argument("--kernels", action="store_true", help="list each kernel of eager and compiled")
     p.add_argument("--memcheck", action="store_true", help="replays at 8192 for compute-sanitizer")
     p.add_argument("--full", action="store_true", help="--memcheck at the full GLM-4.6 size")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("graph_report needs a CUDA GPU", file=sys.stderr)
-        return 2
+    require_cuda(p.prog, "the CUDA-graph report")
     if args.memcheck:
         memcheck(args)
         return 0
     result = report(args)
-    path = os.path.join(os.environ.get("OUT", "."), f"graph_report_{args.gemm}_{args.fuse}.json")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = os.path.join(args.out, f"graph_report_{args.gemm}_{args.fuse}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1, default=str)
     print(f"\nwrote {path}")

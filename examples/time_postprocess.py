@@ -1,6 +1,6 @@
 """Time GPU post-processing of one full GLM-4.6 MoE layer (E=160, H=5120, I=1536, group 128).
 
-    python examples/time_postprocess.py [--repeats 5] [--experts 160]
+    python examples/time_postprocess.py [--repeats 5] [--experts 160]      (GPU only)
 
 Times `process_weights_after_loading` end to end in both scale modes with CUDA events on the
 current stream (the first, untimed run compiles the kernels), then each op alone, and prints
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import inductor_w4a8  # noqa: F401  (registers the ops)
+from inductor_w4a8.cli import require_cuda
 from inductor_w4a8.postprocess import process_weights_after_loading
 
 ops = torch.ops.w4a8
@@ -46,11 +47,13 @@ def time_ms(fn, repeats, setup=lambda: None):
     return statistics.median(times), min(times)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--experts", type=int, default=160)
-    args = parser.parse_args()
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="time_postprocess.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median, min)")
+    parser.add_argument("--experts", type=int, default=160, help="experts in the layer (GLM-4.6: 160)")
+    args = parser.parse_args(argv)
+    require_cuda(parser.prog, "timing GPU post-processing")
     E, H, I, G = args.experts, 5120, 1536, 128
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
           f"layer: E={E} H={H} I={I} group={G}  (median / min of {args.repeats} runs, ms)")

@@ -1,12 +1,14 @@
 """Device session script for the W4A8 grouped GEMM: correctness, SASS, tile variants, peers.
 
-    python examples/tune_grouped_gemm.py [--quick] [--variants ...]
+    python examples/tune_grouped_gemm.py [--quick] [--m 1 64 ...] [--variants BM,BN,BK,...] [--out DIR]
 
 1. correctness of the Triton kernel (asm and plain-op int4 unpack) against an fp32 reference
    on the GPU, small odd shapes and GLM-4.6 shapes (reference on a subset of experts);
 2. the compiled kernel's resources and SASS instruction counts (QGMMA present?);
 3. times of tile variants on the GLM-4.6 GEMMs (w13 + w2) at several M, beside FBGEMM.
-Writes logs to $OUT when set.
+--quick: the small correctness cases only and M in 1, 64, 1024 with fewer repetitions.
+Prints as it goes; with --out (default: $OUT when set) writes tune_log.txt and the kernels'
+TTGIR / SASS there, only when the whole run succeeded. GPU only.
 """
 from __future__ import annotations
 
@@ -21,18 +23,19 @@ import torch
 
 import inductor_w4a8  # noqa: F401
 from inductor_w4a8 import bench, formats
+from inductor_w4a8.cli import output_dir, require_cuda
 from inductor_w4a8.launch import grouped_gemm as gg
 from inductor_w4a8.launch.gemm_tiles import GemmTile, choose_tile
 
-OUT = os.environ.get("OUT", ".")
-LOG = open(os.path.join(OUT, "tune_log.txt"), "a")
+# what --out receives at the end of a successful run: file name -> text
+OUTPUT_FILES: dict[str, str] = {"tune_log.txt": ""}
+QUICK_M = [1, 64, 1024]
 
 
 def log(*args):
     msg = " ".join(str(a) for a in args)
     print(msg, flush=True)
-    LOG.write(msg + "\n")
-    LOG.flush()
+    OUTPUT_FILES["tune_log.txt"] += msg + "\n"
 
 
 def reference_fp32(a, a_scale, w, s, chan, offsets, G, experts=None):
@@ -69,6 +72,8 @@ def check_correctness(quick=False):
         (512, 60, 136, 192, 64, 10), (511, 160, 72, 256, 128, 40), (0, 5, 64, 128, 128, 0),
         (8191, 60, 264, 512, 128, 3), (8192, 7, 3072, 640, 128, 0),
     ]
+    if quick:
+        cases = [c for c in cases if c[0] <= 1024]
     ok = True
     for (R, E, N, K, G, empty) in cases:
         wt = bench.random_weights(E, N, K, G, dev)
@@ -87,7 +92,7 @@ def check_correctness(quick=False):
                 log(f"check R={R} E={E} N={N} K={K} G={G} empty={empty} {mode} asm={use_asm}: "
                     f"asm={use_asm} rel_err={err:.2e} {'OK' if good else 'FAIL'}")
     # GLM-4.6 w13 / w2 at 8192 tokens, reference on 6 experts
-    for (N, K) in ((3072, 5120), (5120, 1536)):
+    for (N, K) in () if quick else ((3072, 5120), (5120, 1536)):
         wt = bench.random_weights(160, N, K, 128, dev)
         off = bench.route(8192, 160, 8, dev)
         a, asc = bench.random_activations(8192 * 8, K, dev)
@@ -117,8 +122,7 @@ def inspect_sass(tag):
         info["wgmma"] = len(re.findall(r"warp_group_dot", ttgir))
         m = re.search(r"ttng\.warp_group_dot\s+(%\S+),\s*(%\S+)", ttgir)
         info["dot_line"] = next((l.strip()[:300] for l in ttgir.splitlines() if "warp_group_dot " in l), "")
-        with open(os.path.join(OUT, f"ttgir_{tag}.mlir"), "w") as f:
-            f.write(ttgir)
+        OUTPUT_FILES[f"ttgir_{tag}.mlir"] = ttgir
     except Exception as exc:  # noqa: BLE001
         info["ttgir_err"] = repr(exc)
     try:
@@ -126,8 +130,7 @@ def inspect_sass(tag):
         for op in ("QGMMA", "HGMMA", "HMMA", "F2FP", "I2F", "LOP3", "PRMT", "HADD2", "HFMA2", "LDG",
                    "LDGSTS", "LDS", "STS", "LDSM", "STG", "LDL", "STL", "SHFL", "BAR"):
             info[op] = len(re.findall(r"\b" + op + r"\b", sass))
-        with open(os.path.join(OUT, f"sass_{tag}.txt"), "w") as f:
-            f.write(sass)
+        OUTPUT_FILES[f"sass_{tag}.txt"] = sass
     except Exception as exc:  # noqa: BLE001
         info["sass_err"] = repr(exc)
     log("sass", json.dumps(info))
@@ -184,22 +187,56 @@ def time_variants(m_list, variants, fb=True, rep=100):
     return results
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--m", type=int, nargs="*", default=[1, 16, 64, 256, 1024, 4096, 8192])
-    p.add_argument("--variants", nargs="*", default=[])
-    p.add_argument("--skip-check", action="store_true")
-    p.add_argument("--no-fbgemm", action="store_true")
-    p.add_argument("--rep", type=int, default=100)
-    args = p.parse_args()
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="tune_grouped_gemm.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help=f"small correctness cases only, M in {QUICK_M} (unless --m), --rep 20 (unless --rep)")
+    p.add_argument("--m", type=int, nargs="*", default=None,
+                   help="token counts M timed (default: 1 16 64 256 1024 4096 8192)")
+    p.add_argument("--variants", nargs="*", default=[],
+                   help="extra tiles to time, each as block_m,block_n,num_warps,num_stages,"
+                        "programs_per_sm[,groups_per_step] (GemmTile's fields)")
+    p.add_argument("--skip-check", action="store_true", help="skip the correctness checks")
+    p.add_argument("--no-fbgemm", action="store_true", help="do not time FBGEMM beside ours")
+    p.add_argument("--rep", type=int, default=None, help="do_bench repetitions (default: 100)")
+    p.add_argument("--out", type=output_dir, default=os.environ.get("OUT") or None,
+                   help="folder for tune_log.txt and the TTGIR / SASS files (default: $OUT when set, "
+                        "else none); written only when the run succeeds")
+    args = p.parse_args(argv)
+    if args.m is None:
+        args.m = QUICK_M if args.quick else [1, 16, 64, 256, 1024, 4096, 8192]
+    if args.rep is None:
+        args.rep = 20 if args.quick else 100
+    for v in args.variants:
+        try:
+            GemmTile(*map(int, v.split(",")))
+        except (TypeError, ValueError) as exc:
+            p.error(f"--variants {v}: not a GemmTile ({exc})")
+    require_cuda(p.prog, "tuning the grouped GEMM")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     log(f"device {torch.cuda.get_device_name()} torch {torch.__version__}")
     t0 = time.time()
+    ok = True
     if not args.skip_check:
-        ok = check_correctness()
+        ok = check_correctness(quick=args.quick)
         log(f"correctness {'PASS' if ok else 'FAIL'} ({time.time() - t0:.0f}s)")
     res = time_variants(args.m, args.variants, fb=not args.no_fbgemm, rep=args.rep)
     log(json.dumps(res))
     log(f"total {time.time() - t0:.0f}s")
+    if not ok:
+        print("correctness FAILED: nothing written", file=sys.stderr)
+        return 1
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        for name, text in OUTPUT_FILES.items():
+            (args.out / name).write_text(text)
+        print(f"wrote {', '.join(sorted(OUTPUT_FILES))} to {args.out}")
+    return 0
 
 
 if __name__ == "__main__":

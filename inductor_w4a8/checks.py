@@ -25,12 +25,42 @@ def fail(op: str, message: str) -> None:
     raise W4A8InputError(f"w4a8::{op}: {message}")
 
 
+_UNSIGNED = (torch.uint8, torch.uint16, torch.uint32)
+
+
+def _holds_bits(have: torch.dtype, want: torch.dtype) -> bool:
+    """True when `have` can only be a bit container of `want`: packed int4 words (int32) kept as
+    floats or unsigned ints, or fp8 bytes kept as uint8 / int8. Then `.to` would change the values
+    and destroy the packed nibbles or fp8 codes; the fix is `.view`."""
+    if want == torch.int32:
+        return have.is_floating_point or have in _UNSIGNED
+    if want in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return have in (torch.uint8, torch.int8)
+    return False
+
+
+def _dtype_fix(t: torch.Tensor, want: torch.dtype) -> str:
+    if not _holds_bits(t.dtype, want):
+        return f"convert it with .to({want})"
+    have, size = t.dtype.itemsize, want.itemsize
+    last = t.shape[-1] if t.dim() else 1
+    if have == size:
+        shape = "same shape"
+    elif (last * have) % size == 0:
+        shape = f"last dim {last} -> {last * have // size}"
+    else:
+        shape = f"its last dim {last} x {have} bytes must be a multiple of {size}"
+    what = "packed int4 words" if want == torch.int32 else "fp8 codes"
+    return (f"if it holds the bits of {what}, reinterpret them "
+            f"with .view({want}) ({shape}); .to({want}) would convert the values instead")
+
+
 def check_dtype(op: str, name: str, t: torch.Tensor, *dtypes: torch.dtype) -> None:
     if not isinstance(t, torch.Tensor):
         fail(op, f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in dtypes:
         want = " or ".join(str(d) for d in dtypes)
-        fail(op, f"{name} must have dtype {want}, got {t.dtype}; convert it with .to({want.split(' or ')[0]})")
+        fail(op, f"{name} must have dtype {want}, got {t.dtype}; {_dtype_fix(t, dtypes[0])}")
 
 
 def check_rank(op: str, name: str, t: torch.Tensor, rank: int | tuple[int, ...], layout: str) -> None:

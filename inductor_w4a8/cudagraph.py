@@ -123,13 +123,13 @@ def padding_waste(sizes: Sequence[int], num_tokens: int) -> float:
 
 
 class _Progress:
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled, self.done = total, enabled, 0
+    def __init__(self, total: int, enabled: bool, desc: str = "w4a8: capturing CUDA graphs"):
+        self.total, self.enabled, self.done, self.desc = total, enabled, 0, desc
         self._bar = None
         if enabled:
             try:
                 from tqdm.auto import tqdm
-                self._bar = tqdm(total=total, desc="w4a8: capturing CUDA graphs", unit="graph")
+                self._bar = tqdm(total=total, desc=desc, unit="size")
             except ImportError:
                 self._bar = None
 
@@ -141,7 +141,7 @@ class _Progress:
             self._bar.set_postfix(tokens=size)
             self._bar.update(1)
         else:
-            print(f"\rw4a8: capturing CUDA graphs {self.done}/{self.total} (tokens={size})",
+            print(f"\r{self.desc} {self.done}/{self.total} (tokens={size})",
                   end="" if self.done < self.total else "\n", file=sys.stderr, flush=True)
 
     def close(self) -> None:
@@ -362,8 +362,13 @@ class CUDAGraphRunner:
         t0 = time.perf_counter()
         warmup_s = 0.0
         if ops is None:
-            for size in descending:
-                self._set_out_template(self._call(size))
+            progress = _Progress(len(descending), self.progress, "w4a8: warming up (no CUDA graphs)")
+            try:
+                for size in descending:
+                    self._set_out_template(self._call(size))
+                    progress.update(size)
+            finally:
+                progress.close()
             self._template = template
             self.report = {"num_graphs": 0, "sizes": list(self.sizes), "capture_s": 0.0,
                            "warmup_s": time.perf_counter() - t0, "pool_bytes": 0, "static_bytes": 0,

@@ -134,10 +134,10 @@ class W4A8MoE(nn.Module):
             s += f", routed_scaling_factor={self.routed_scaling_factor}"
         return s + f", scale_mode={self.scale_mode!r}, processed={self.weights_processed}"
 
-    def process_weights_after_loading(self) -> None:
+    def process_weights_after_loading(self, *, check_values: bool | None = None) -> None:
         """Checkpoint tensors -> the GEMM's (see `inductor_w4a8.postprocess`); once per load."""
         from .postprocess import process_weights_after_loading
-        process_weights_after_loading(self)
+        process_weights_after_loading(self, check_values=check_values)
 
     # ----------------------------------------------------------------------------------------
     def __call__(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,17 @@ Every step is a `torch.ops.w4a8` op, so this runs unchanged on CPU, CUDA and met
 every kernel is enqueued on the caller's current stream and nothing synchronizes: a caller that
 loaded the weights on stream s and calls this with s current gets exact results however far s lags.
 All inputs are validated before anything is written, so a refused layer is left untouched.
+
+Value checks (`check_checkpoint_values`), so that a bad load fails here and not as all-zero or NaN
+outputs later: a scale tensor that is entirely zero or packed words that all still hold the
+constructor's fill (nothing was loaded: W4A8MoE starts as q = 0 weights with zero scales), and
+NaN, infinite or negative group scales (the symmetric rule makes every scale amax / 7.5 >= 0; a
+single zero scale is valid, it is an all-zero group or tensor-parallel padding). Reading values
+makes the host wait for the device, which would break the stream contract above on CUDA, so by
+default they run where the tensors are host memory (CPU) and are skipped on CUDA and meta;
+`check_values=True` forces them (on CUDA: one synchronization), `False` skips them, and
+`value_checks(False)` turns the default off as it does for the ops. The checkpoint loader checks
+the tensors it reads on the host before they reach the device.
 """
 from __future__ import annotations
 
@@ -27,7 +38,7 @@ import torch
 from torch import nn
 
 from . import formats
-from .checks import W4A8InputError
+from .checks import W4A8InputError, value_checks_enabled
 
 _OP = "process_weights_after_loading"
 CHECKPOINT_NAMES = ("w13_weight_packed", "w13_weight_scale", "w2_weight_packed", "w2_weight_scale")
@@ -123,6 +134,54 @@ def _validate(layer) -> tuple[dict[str, torch.Tensor], int, str]:
     return t, group_size, scale_mode
 
 
+# the first words are read before the whole tensor, so a loaded layer costs a few kilobytes
+_PROBE_WORDS = 4096
+
+
+def _all_equal(t: torch.Tensor, value: int) -> bool:
+    flat = t.reshape(-1)
+    if flat.numel() == 0 or bool((flat[:_PROBE_WORDS] != value).any()):
+        return False
+    return bool((flat == value).all())
+
+
+def _first_index(mask: torch.Tensor) -> tuple[int, ...]:
+    flat = int(mask.reshape(-1).to(torch.uint8).argmax())
+    return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), mask.shape))
+
+
+def check_checkpoint_values(prefix: str, packed: torch.Tensor, scale: torch.Tensor,
+                            error: type[Exception] = W4A8InputError) -> None:
+    """Refuse the values of one projection's checkpoint tensors (`{prefix}_weight_packed`,
+    `{prefix}_weight_scale`) that can only come from a failed or corrupt load (module docstring).
+    Reads every scale and, unless its first words differ from the constructor's fill, every word;
+    call it on host tensors (a CUDA tensor costs a synchronization). Raises `error`."""
+    packed, scale = packed.detach(), scale.detach()
+    unloaded = "; nothing was loaded into this layer (load the checkpoint with load_state_dict or " \
+               "inductor_w4a8.load_w4a8_checkpoint before processing)"
+    if scale.numel() and not bool(scale.any()):
+        raise error(f"{_OP}: every value of {prefix}_weight_scale is 0{unloaded}")
+    for fill in (formats.UINT4B8_ZERO_WORD, 0):
+        if _all_equal(packed, fill):
+            raise error(f"{_OP}: every word of {prefix}_weight_packed is {fill & 0xFFFFFFFF:#010x} "
+                        f"(the constructor's fill or zeroed memory){unloaded}")
+    for what, bad in (("NaN or infinite", ~torch.isfinite(scale)), ("negative", scale < 0)):
+        count = int(bad.sum())
+        if count:
+            raise error(f"{_OP}: {prefix}_weight_scale holds {count} {what} group scale(s), the first "
+                        f"at [expert, row, group] = {list(_first_index(bad))}; symmetric int4 scales are "
+                        f"finite and >= 0 (amax / 7.5): the checkpoint is corrupt or was not written "
+                        f"by a compressed-tensors quantizer")
+
+
+def _wants_value_checks(check_values: bool | None, t: torch.Tensor) -> bool:
+    if t.device.type == "meta":
+        return False
+    if check_values is not None:
+        return bool(check_values)
+    return t.device.type == "cpu" and value_checks_enabled(t)
+
+
 def _set_param(layer, name: str, value: torch.Tensor | None) -> None:
     param = None if value is None else nn.Parameter(value, requires_grad=False)
     if isinstance(layer, nn.Module):
@@ -142,9 +201,14 @@ def _release(layer, name: str, t: torch.Tensor) -> None:
     delattr(layer, name)
 
 
-def process_weights_after_loading(layer) -> None:
-    """Convert a loaded W4A8 MoE layer in place; see the module docstring for the contract."""
+def process_weights_after_loading(layer, *, check_values: bool | None = None) -> None:
+    """Convert a loaded W4A8 MoE layer in place; see the module docstring for the contract.
+    check_values: None (default) checks the checkpoint's values on CPU only, True everywhere
+    but meta (a synchronization on CUDA), False never."""
     t, _, scale_mode = _validate(layer)
+    if _wants_value_checks(check_values, t["w13_weight_packed"]):
+        for prefix in ("w13", "w2"):
+            check_checkpoint_values(prefix, t[f"{prefix}_weight_packed"], t[f"{prefix}_weight_scale"])
     with torch.no_grad():
         for prefix in ("w13", "w2"):
             packed, scale = t[f"{prefix}_weight_packed"], t[f"{prefix}_weight_scale"]

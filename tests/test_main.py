@@ -2,12 +2,14 @@
 the w4a8 backend, served in chunked-prefill and decode batches, accurate) and the bench pass-through."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,6 +20,19 @@ def run_module(*args, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def _shape_of(text: str) -> list[str]:
+    """Lines with every number masked and spaces collapsed: the demo's output format, not its values."""
+    number = r"[-+]?\d[\d,]*(\.\d+)?(e[-+]?\d+)?"
+    return [" ".join(re.sub(number, "#", line).split()) for line in text.strip().splitlines()]
+
+
+def readme_cpu_output() -> str:
+    """The demo output README.md shows as the real output on the CPU machine."""
+    blocks = re.findall(r"```\n(inductor_w4a8 demo: device cpu.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(blocks) == 1, "README.md shows one CPU demo output"
+    return blocks[0]
+
+
 def test_demo_cpu(tmp_path):
     out_json = tmp_path / "demo.json"
     t = time.perf_counter()
@@ -26,9 +41,11 @@ def test_demo_cpu(tmp_path):
     print(p.stdout)
     assert p.returncode == 0, p.stderr[-4000:]
     for step in ("[1/5] wrote a compressed-tensors W4A8 checkpoint", "[2/5] loaded 2 MoE layers",
-                 "[3/5] torch.compile(backend='w4a8')", "[4/5] no CUDA graphs on cpu", "[5/5] serving",
-                 "accuracy:", "throughput:"):
+                 "[3/5] torch.compile(backend='w4a8')", "compiled and warmed up in",
+                 "[4/5] no CUDA graphs on cpu", "[5/5] serving", "accuracy:", "throughput:"):
         assert step in p.stdout, step
+    assert "w4a8: warming up (no CUDA graphs)" in p.stderr       # per-size progress of step 3
+    assert _shape_of(p.stdout) == _shape_of(readme_cpu_output())  # README shows what it prints
     result = json.loads(out_json.read_text())
     batches = result["batches"]
     assert [b["tokens"] for b in batches] == [256, 256, 88, 1, 4, 16]    # 600 = 256 + 256 + 88
@@ -58,6 +75,35 @@ def test_usage(args, code, capsys):
     assert main(list(args)) == code
     captured = capsys.readouterr()
     assert "demo" in captured.out + captured.err and "bench" in captured.out + captured.err
+
+
+def _main_exit(argv, capsys):
+    from inductor_w4a8.__main__ import main
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("where", ["missing-folder", "a-folder", "under-a-file"])
+def test_demo_refuses_an_unwritable_json_before_the_run(where, tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    path = {"missing-folder": tmp_path / "nope" / "x.json", "a-folder": tmp_path,
+            "under-a-file": tmp_path / "f" / "x.json"}[where]
+    t = time.perf_counter()
+    code, out, err = _main_exit(["demo", "--device", "cpu", "--json", str(path)], capsys)
+    assert code == 2 and "argument --json" in err and "[1/5]" not in out
+    assert time.perf_counter() - t < 30        # refused up front, not after the whole run
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU machine's answer")
+def test_demo_on_cuda_without_a_gpu_is_one_line(capsys):
+    code, out, err = _main_exit(["demo", "--device", "cuda"], capsys)
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == [f"python -m inductor_w4a8 demo: --device cuda: torch "
+                                        f"{torch.__version__} sees no CUDA GPU; use --device cpu"]
 
 
 @pytest.mark.cuda

@@ -280,3 +280,114 @@ def test_placeholders_holding_none_are_replaced():
     assert isinstance(layer.w13_weight, nn.Parameter) and isinstance(layer.w2_weight, nn.Parameter)
     assert layer.w13_chan_scale.dtype == torch.float32
     assert "w2_weight" not in dict(layer.named_buffers())
+
+
+# ------------------------------------------------------------------------------------------
+# value checks: an unloaded layer and corrupt scales are refused before anything is written
+# ------------------------------------------------------------------------------------------
+def _assert_untouched(layer, before):
+    assert not getattr(layer, "weights_processed", False)
+    assert not hasattr(layer, "w13_weight") or getattr(layer, "w13_weight") is None
+    for name, t in before.items():  # bitwise: a NaN must still be the same NaN
+        now = getattr(layer, name).detach()
+        assert torch.equal(now.view(torch.int16) if now.dtype == torch.bfloat16 else now,
+                           t.view(torch.int16) if t.dtype == torch.bfloat16 else t), name
+
+
+def test_unloaded_moe_is_refused():
+    # W4A8MoE starts as q = 0 words (0x88888888) and zero scales: processing it gave zero outputs
+    moe = w4a8.W4A8MoE(4, 2, 128, 128, group_size=64)
+    before = snapshot(moe)
+    with pytest.raises(W4A8InputError, match="every value of w13_weight_scale is 0.*nothing was loaded"):
+        moe.process_weights_after_loading()
+    _assert_untouched(moe, before)
+
+
+@pytest.mark.parametrize("fill", [formats.UINT4B8_ZERO_WORD, 0], ids=["constructor-fill", "zeroed"])
+@pytest.mark.parametrize("prefix", ["w13", "w2"])
+def test_words_never_loaded_are_refused(prefix, fill):
+    layer = make_layer(seed=torch.seed() % 2**31)
+    getattr(layer, f"{prefix}_weight_packed").data.fill_(fill)
+    before = snapshot(layer)
+    with pytest.raises(W4A8InputError, match=f"every word of {prefix}_weight_packed is "
+                                              f"{fill & 0xFFFFFFFF:#010x}"):
+        process_weights_after_loading(layer)
+    _assert_untouched(layer, before)
+
+
+@pytest.mark.parametrize("value,what", [(float("nan"), "NaN or infinite"), (float("inf"), "NaN or infinite"),
+                                        (float("-inf"), "NaN or infinite"), (-0.01, "negative")])
+@pytest.mark.parametrize("prefix", ["w13", "w2"])
+@pytest.mark.parametrize("scale_mode", ["fp8", "exact"])
+def test_bad_scales_are_refused(prefix, value, what, scale_mode, seed):
+    layer = make_layer(scale_mode=scale_mode, seed=seed)
+    scale = getattr(layer, f"{prefix}_weight_scale")
+    g = torch.Generator().manual_seed(seed)
+    idx = [int(torch.randint(n, (1,), generator=g)) for n in scale.shape]
+    scale.data[tuple(idx)] = value
+    before = snapshot(layer)
+    with pytest.raises(W4A8InputError, match=rf"{prefix}_weight_scale holds 1 {what} group scale\(s\), "
+                                              rf"the first at \[expert, row, group\] = \{list(idx)}"):
+        process_weights_after_loading(layer)
+    _assert_untouched(layer, before)
+
+
+def test_single_zero_scales_are_valid():
+    # an all-zero group quantizes to scale 0 (and tensor-parallel padding is zero groups)
+    layer = make_layer(scale_mode="fp8")
+    layer.w2_weight_scale.data[0, :5] = 0
+    layer.w13_weight_scale.data[1] = 0
+    ckpt = snapshot(layer)
+    process_weights_after_loading(layer)
+    assert same(layer.w2_group_scale, expected(ckpt, "w2", "fp8")[2])
+
+
+def test_value_checks_can_be_skipped():
+    for skip in (lambda layer: process_weights_after_loading(layer, check_values=False),
+                 lambda layer: _process_with_value_checks_off(layer)):
+        layer = make_layer(scale_mode="exact")
+        layer.w2_weight_scale.data[0, 0, 0] = float("nan")
+        skip(layer)
+        assert layer.weights_processed and torch.isnan(layer.w2_group_scale[0, 0, 0])
+
+
+def _process_with_value_checks_off(layer):
+    with w4a8.value_checks(False):
+        process_weights_after_loading(layer)
+
+
+def test_check_checkpoint_values_takes_the_callers_error_type():
+    from inductor_w4a8.postprocess import check_checkpoint_values
+
+    class LoaderError(ValueError):
+        pass
+    packed, scale, _ = random_w4_weights(2, 64, 128, 64)
+    check_checkpoint_values("w2", packed, scale, error=LoaderError)     # a good projection passes
+    scale[1, 2, 0] = float("nan")
+    with pytest.raises(LoaderError, match=r"w2_weight_scale holds 1 NaN .* = \[1, 2, 0\]"):
+        check_checkpoint_values("w2", packed, scale, error=LoaderError)
+
+
+def test_meta_layer_skips_value_checks():
+    layer = _meta_layer("exact", E=4, H=256, I=128, G=64)
+    process_weights_after_loading(layer, check_values=True)   # nothing to read on meta
+    assert layer.weights_processed
+
+
+def test_nan_scale_in_a_checkpoint_is_refused_at_load(tmp_path, seed):
+    # the loader post-processes each layer, so a corrupt scale fails the load, not the outputs
+    from inductor_w4a8.weights import load_w4a8_checkpoint, save_w4a8_checkpoint
+    g = torch.Generator().manual_seed(seed)
+    E, H, I = 2, 128, 128
+    experts = {"model.layers.0.mlp": tuple((torch.randn(*s, generator=g) * 0.05).to(torch.bfloat16)
+                                           for s in ((E, I, H), (E, I, H), (E, H, I)))}
+    path = save_w4a8_checkpoint(tmp_path / "ckpt", experts, group_size=64,
+                                config={"num_experts_per_tok": 1, "n_routed_experts": E})
+    from safetensors.torch import load_file, save_file
+    file = next(path.glob("*.safetensors"))
+    tensors = load_file(file)
+    key = next(k for k in sorted(tensors) if k.endswith("down_proj.weight_scale"))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="w2_weight_scale holds 1 NaN or infinite"):
+        load_w4a8_checkpoint(path)
