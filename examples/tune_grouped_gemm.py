@@ -149,6 +149,8 @@ def time_variants(m_list, variants, fb=True, rep=100):
                 peers[n] = bench.Peers(E, N, K, dev, want=("fbgemm",))
             except Exception as exc:  # noqa: BLE001
                 log("fbgemm unavailable", repr(exc)[:300])
+    ceilings = bench.measure_ceilings()   # this GPU's own copy and fp8 rates, for the floor
+    log(ceilings.describe())
     results = []
     for M in m_list:
         R = M * k
@@ -156,7 +158,7 @@ def time_variants(m_list, variants, fb=True, rep=100):
         acts = {n: bench.random_activations(R, K, dev) for n, (N, K) in gemms.items()}
         flops = sum(2.0 * R * N * K for N, K in gemms.values())
         nbytes = sum(bench.gemm_bytes(R, off, N, K) for N, K in gemms.values())
-        fl = bench.floor_us(flops, nbytes)
+        fl = bench.floor_us(flops, nbytes, ceilings)
         row = {"M": M, "floor": round(fl, 1)}
         if len(peers) == 2:
             fns = [peers[n].fns(*acts[n], off)["fbgemm"] for n in gemms]

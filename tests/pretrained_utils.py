@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from inductor_w4a8 import formats
 import torch.nn.functional as F
 
 # every K a multiple of 128: llm-compressor's W4AFP8 preset quantizes in groups of 128
@@ -70,8 +72,6 @@ def dequantized_reference(path: Path, dtype=torch.float32):
     """The transformers model of the checkpoint's config whose weights are the checkpoint's,
     dequantized (q * scale) by compressed-tensors' own compressors, in `dtype`."""
     import transformers
-    from compressed_tensors.compressors import BaseCompressor
-    from compressed_tensors.quantization import QuantizationScheme
     from safetensors.torch import load_file
 
     from inductor_w4a8.quant_config import module_matches
@@ -86,10 +86,8 @@ def dequantized_reference(path: Path, dtype=torch.float32):
         group = next(g for g in qc["config_groups"].values()
                      if module_matches(module, g.get("targets") or ()))
         fmt = group.get("format") or qc["format"]
-        scheme = QuantizationScheme(targets=group["targets"], weights=group["weights"],
-                                    input_activations=group.get("input_activations"))
         local = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == module}
-        weights[module] = BaseCompressor.load_from_registry(fmt).decompress(local, scheme)["weight"]
+        weights[module] = _decompress(local, fmt, group)
     fields = ("weight", "weight_packed", "weight_scale", "weight_shape")
     state = {k: v for k, v in tensors.items()
              if k.rsplit(".", 1)[0] not in quantized or k.rsplit(".", 1)[1] not in fields}
@@ -105,6 +103,23 @@ def dequantized_reference(path: Path, dtype=torch.float32):
     if missing:
         model.tie_weights()
     return model
+
+
+def _decompress(local: dict, fmt: str, group: dict) -> torch.Tensor:
+    """One module's dequantized weight (q * scale): by compressed-tensors' own compressors where
+    it is installed (CI), else by formats' unpacking (the GPU machine has no compressed-tensors)."""
+    try:
+        from compressed_tensors.compressors import BaseCompressor
+        from compressed_tensors.quantization import QuantizationScheme
+    except ImportError:
+        G = group["weights"]["group_size"]
+        q = (formats.unpack_int4(local["weight_packed"], biased=True) if fmt == "pack-quantized"
+             else local["weight"].to(torch.int8))
+        # compressed-tensors multiplies in the scale's dtype: the exact q * s, rounded to it once
+        return formats.dequantize_w4(q, local["weight_scale"], G).to(local["weight_scale"].dtype)
+    scheme = QuantizationScheme(targets=group["targets"], weights=group["weights"],
+                                input_activations=group.get("input_activations"))
+    return BaseCompressor.load_from_registry(fmt).decompress(local, scheme)["weight"]
 
 
 def _fuse_experts(state: dict) -> dict:

@@ -298,7 +298,13 @@ def _nan_containment(device, T, bad_token, where, scoring, seed):
     with w4a8.value_checks(False):
         out = moe(x.to(device), logits.to(device)).cpu()
     others = [t for t in range(T) if t != bad_token]
-    assert not torch.isfinite(out[bad_token]).all()
+    finite = torch.isfinite(out[bad_token])
+    if where == "nan-logit" and scoring == "sigmoid" and device == "cuda":
+        # the CUDA top-k never selects a NaN score (every comparison with it is false), so the
+        # token is routed among its finite logits: its row is wholly finite or wholly not
+        assert finite.all() or not finite.any()
+    else:
+        assert not finite.all()
     assert same_bits(out[others], clean[others])
 
 

@@ -11,26 +11,28 @@ inline-asm builtin, so each gets a two-line wrapper around this one text).
 import triton
 import triton.language as tl
 
-S4X8_TO_FP8_PTX = tl.constexpr("""
-        {
-        .reg .b32 pa, pb, na, nb, idx, s, idxh, sh, p0, n0, p1, n1;
-        mov.b32 pa, 0x44403800;
-        mov.b32 pb, 0x4E4C4A48;
-        mov.b32 na, 0xCACCCED0;
-        mov.b32 nb, 0xB8C0C4C8;
-        and.b32 idx, $2, 0x77777777;
-        shr.u32 s, $2, 1;
-        lop3.b32 s, s, 0x44444444, 0x32103210, 0xEA;
-        shr.u32 idxh, idx, 16;
-        shr.u32 sh, s, 16;
-        prmt.b32 p0, pa, pb, idx;
-        prmt.b32 n0, na, nb, idx;
-        prmt.b32 $0, p0, n0, s;
-        prmt.b32 p1, pa, pb, idxh;
-        prmt.b32 n1, na, nb, idxh;
-        prmt.b32 $1, p1, n1, sh;
-        }
-        """)
+# One line, no newlines: Inductor copies this global into its generated kernel source as a
+# plain quoted string, where a multi-line literal is a syntax error.
+S4X8_TO_FP8_PTX = tl.constexpr(" ".join((
+    "{",
+    ".reg .b32 pa, pb, na, nb, idx, s, idxh, sh, p0, n0, p1, n1;",
+    "mov.b32 pa, 0x44403800;",
+    "mov.b32 pb, 0x4E4C4A48;",
+    "mov.b32 na, 0xCACCCED0;",
+    "mov.b32 nb, 0xB8C0C4C8;",
+    "and.b32 idx, $2, 0x77777777;",
+    "shr.u32 s, $2, 1;",
+    "lop3.b32 s, s, 0x44444444, 0x32103210, 0xEA;",
+    "shr.u32 idxh, idx, 16;",
+    "shr.u32 sh, s, 16;",
+    "prmt.b32 p0, pa, pb, idx;",
+    "prmt.b32 n0, na, nb, idx;",
+    "prmt.b32 $0, p0, n0, s;",
+    "prmt.b32 p1, pa, pb, idxh;",
+    "prmt.b32 n1, na, nb, idxh;",
+    "prmt.b32 $1, p1, n1, sh;",
+    "}",
+)))
 S4X8_TO_FP8_CONSTRAINTS = tl.constexpr("=r,=r,r")
 
 
