@@ -549,14 +549,20 @@ def _(x, w, w_scale, w_chan_scale, group_size):
                                   _single_expert_offsets(x.shape[0], x.device), group_size).to(torch.bfloat16)
 
 
-@linear.register_kernel("cuda")
-def _(x, w, w_scale, w_chan_scale, group_size):
-    _check_linear(x, w, w_scale, w_chan_scale, group_size)
+def linear_triton(x: Tensor, w: Tensor, w_scale: Tensor, w_chan_scale: Tensor | None, group_size: int) -> Tensor:
+    """The Triton path of w4a8::linear (CUDA, or CPU under TRITON_INTERPRET=1): the fp8 quantizer
+    and the grouped GEMM launchers, no host synchronization. Inputs already checked."""
     if x.shape[0] == 0:
         return x.new_empty((0, w.shape[1]), dtype=torch.bfloat16)
     xq, x_scale = _launcher("fp8_quant").quantize_fp8_per_token(x)
     return _launcher("grouped_gemm").grouped_gemm(xq, x_scale, w, w_scale, w_chan_scale,
                                                   _single_expert_offsets(x.shape[0], x.device), group_size)
+
+
+@linear.register_kernel("cuda")
+def _(x, w, w_scale, w_chan_scale, group_size):
+    _check_linear(x, w, w_scale, w_chan_scale, group_size)
+    return linear_triton(x, w, w_scale, w_chan_scale, group_size)
 
 
 # every op with a floating input (the others cannot be handed a tensor that requires grad)

@@ -2,13 +2,17 @@
 int4 and the fp8 activations, the module's lifecycle and refusals, torch.compile and meta tracing;
 on the GPU the Triton path (the grouped GEMM with one expert) at GLM-4.6 attention shapes and under
 CUDA-graph capture."""
+import os
+
 import pytest
 import torch
 
 import inductor_w4a8 as w4a8
 from inductor_w4a8 import formats
 from inductor_w4a8.checks import W4A8InputError
-from inductor_w4a8.testing import GEMM_TOL_GPU, opcheck, poisoned_empty, rel_error
+from inductor_w4a8.testing import GEMM_TOL_GPU, opcheck, poisoned_empty, rel_error, run_interpreted
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def random_layer(N, K, G, *, seed, bias=False, scale_mode="exact", device="cpu"):
@@ -105,6 +109,29 @@ def test_compiles_without_graph_break_and_traces_on_meta(seed):
     meta = w4a8.W4A8Linear(256, 48, group_size=128, device="meta")
     meta.process_weights_after_loading()
     assert meta(torch.empty(7, 256, dtype=torch.bfloat16, device="meta")).shape == (7, 48)
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU: the Triton path (what the CUDA kernel runs) under the interpreter
+# ------------------------------------------------------------------------------------------------
+if not INTERPRETED:
+    def test_triton_path_under_the_interpreter():
+        pytest.importorskip("triton")
+        run_interpreted(__file__, select="interp", timeout=1500)
+else:
+    @pytest.mark.parametrize("T,N,K,G,scale_mode", [(1, 72, 128, 64, "exact"), (37, 64, 256, 128, "fp8"),
+                                                    (0, 16, 64, 32, "exact")])
+    def test_interp_triton_path_matches_the_oracle(T, N, K, G, scale_mode):
+        from inductor_w4a8.ops import linear_triton
+        lin, w, _ = random_layer(N, K, G, seed=T + N, scale_mode=scale_mode)
+        x = torch.randn(T, K).to(torch.bfloat16)
+        with poisoned_empty():
+            y = linear_triton(x, lin.weight, lin.group_scale, lin.chan_scale, G)
+        assert y.shape == (T, N)
+        if T:
+            err = rel_error(y, oracle(x, w, G))
+            print(f"interpreted T={T} N={N} K={K} G={G} {scale_mode}: {err:.2e}")
+            assert err < (6e-3 if scale_mode == "exact" else 5e-2)
 
 
 # ------------------------------------------------------------------------------------------------
