@@ -42,6 +42,7 @@ import torch
 from . import formats
 from .checkpoint_files import CONFIG_NAME, INDEX_NAME, SINGLE_FILE_NAME, CheckpointFiles, read_config
 from .moe_builder import W4A8CheckpointError, build_w4a8_moe
+from .postprocess import check_checkpoint_values
 from .quant_config import (SUPPORTED_FORMATS, W4A8QuantConfig, module_scheme, parse_quantization_config,
                            quantization_config_dict, quantization_section)
 
@@ -145,6 +146,8 @@ def _check_part(name: str, packed: torch.Tensor, scale: torch.Tensor, shape, G: 
                                   f"group_size={G} it must be {tuple(packed.shape[:-1]) + (groups,)}")
     if not scale.is_floating_point():
         raise W4A8CheckpointError(f"{name}.weight_scale has dtype {scale.dtype}; need a float (bf16)")
+    if scale.device.type == "cpu":   # read from the file on the host: the check costs no sync
+        check_checkpoint_values(name, packed, scale, error=W4A8CheckpointError)
     return N, K
 
 
