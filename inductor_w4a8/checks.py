@@ -133,3 +133,9 @@ def value_checks_enabled(t: torch.Tensor) -> bool:
     if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return False
     return True
+
+
+def value_checks_setting() -> bool | None:
+    """The switch as set by `value_checks(...)` in this thread, or None where it was never set
+    (post-processing, which is off the forward path, has its own default: check on the host)."""
+    return getattr(_state, "enabled", None)

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from . import formats
-from .checks import W4A8InputError, value_checks_enabled
+from .checks import W4A8InputError, value_checks_setting
 
 _OP = "process_weights_after_loading"
 CHECKPOINT_NAMES = ("w13_weight_packed", "w13_weight_scale", "w2_weight_packed", "w2_weight_scale")
@@ -179,7 +179,9 @@ def _wants_value_checks(check_values: bool | None, t: torch.Tensor) -> bool:
         return False
     if check_values is not None:
         return bool(check_values)
-    return t.device.type == "cpu" and value_checks_enabled(t)
+    if value_checks_setting() is False:   # value_checks(False) skips them here too
+        return False
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _set_param(layer, name: str, value: torch.Tensor | None) -> None:
