@@ -12,6 +12,8 @@ import json
 import sys
 
 import torch
+
+from inductor_w4a8.cli import require_cuda
 import torch.nn.functional as F
 
 SHAPES = {"q_proj": (12288, 5120), "k_proj": (1024, 5120), "v_proj": (1024, 5120), "o_proj": (5120, 12288)}
@@ -23,9 +25,7 @@ def main(argv=None) -> int:
     p.add_argument("--scale-mode", choices=["exact", "fp8"], default="exact", help="W4A8Linear scale mode")
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_linear.py needs a CUDA GPU (on CPU, tests/test_linear.py checks the numerics)")
-        return 1
+    require_cuda("bench_linear.py")
     import inductor_w4a8 as w4a8
     from inductor_w4a8 import formats
     from inductor_w4a8.bench import graph_bench_us

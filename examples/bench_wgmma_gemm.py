@@ -7,6 +7,7 @@ Run on an H100/H200 from the repo root: `python examples/bench_wgmma_gemm.py [ou
 2. GLM-4.6 w13 + w2 at M tokens x top-8: median us of CUDA-graph replays with the L2 flushed
    (bench.graph_bench_us), today's table tile vs each wgmma tile. Writes wgmma_bench.json.
 """
+import argparse
 import json
 import os
 import sys
@@ -18,6 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from test_grouped_gemm import make_case, poisoned_out, ref_of  # noqa: E402
 
 from inductor_w4a8 import bench  # noqa: E402
+from inductor_w4a8.cli import require_cuda  # noqa: E402
 from inductor_w4a8.launch import grouped_gemm as launcher  # noqa: E402
 from inductor_w4a8.launch.gemm_tiles import WGMMA_TILE, GemmTile, choose_tile  # noqa: E402
 from inductor_w4a8.testing import GEMM_TOL_GPU, rel_error  # noqa: E402
@@ -81,8 +83,11 @@ def timings(log, m_list=(1, 64, 256, 1024, 4096, 8192)):
     return rows
 
 
-def main():
-    out_dir = sys.argv[1] if len(sys.argv) > 1 else "."
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="bench_wgmma_gemm.py", description=__doc__.splitlines()[0])
+    p.add_argument("out_dir", nargs="?", default=".", help="where wgmma_bench.json goes (default: .)")
+    out_dir = p.parse_args(argv).out_dir
+    require_cuda("bench_wgmma_gemm.py")
     lines = []
 
     def log(msg):
@@ -93,7 +98,8 @@ def main():
     rows = timings(log)
     with open(os.path.join(out_dir, "wgmma_bench.json"), "w") as f:
         json.dump({"checks_ok": ok, "rows": rows, "log": lines}, f, indent=1)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -25,6 +25,8 @@ import time
 
 import torch
 
+from inductor_w4a8.cli import require_cuda
+
 import inductor_w4a8 as w4a8
 from inductor_w4a8 import eager, ops, testing
 from inductor_w4a8.launch import _common
@@ -112,13 +114,16 @@ def per_op_rows(layer, x, logits, device, reps):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="profile_eager.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, nargs="*", default=[1, 64, 8192])
     p.add_argument("--reps", type=int, default=200)
     p.add_argument("--stub", action="store_true", help="CPU: small block, math stubbed out")
     p.add_argument("--top", type=int, default=25, help="cProfile entries to print")
     args = p.parse_args(argv)
-    device = torch.device("cpu" if args.stub or not torch.cuda.is_available() else "cuda")
+    if not args.stub:   # the real block needs the GPU; --stub is the CPU run
+        require_cuda("profile_eager.py", "profiling without --stub")
+    device = torch.device("cpu" if args.stub else "cuda")
     config = SMALL if device.type == "cpu" else GLM
     restore = []
     if device.type == "cpu":

@@ -152,6 +152,8 @@ def w4a8_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, mod
         with lowerings.compiling(settings), _compat.autograd_cache_config().patch(autograd_cache):
             return _without_value_checks(_compat.compile_fx()(gm, example_inputs, config_patches=patches))
     except Exception as exc:  # noqa: BLE001
+        if isinstance(exc, _compat.dynamo_restart_exceptions()):
+            raise   # Dynamo restarting its analysis, not a failure of the traced GEMM
         if settings.grouped_gemm != "triton" or settings.gemm_launch is not None or \
                 not _calls_gemm(gm) or not _on_devices(example_inputs, settings.inline_devices):
             raise

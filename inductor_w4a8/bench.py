@@ -486,6 +486,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = parser().parse_args(argv)
+    if args.block:  # eager / compiled / graph replay of the whole block: inductor_w4a8.bench_block
+        from .bench_block import main as block_main
+        return block_main(args.m, args.out)
     if not torch.cuda.is_available():
         print(NO_GPU_MESSAGE, file=sys.stderr)
         return 2
@@ -495,9 +498,6 @@ def main(argv=None):
         print(f"{PROG}: cannot create --out {args.out!r}: {exc.strerror}", file=sys.stderr)
         return 2
     import inductor_w4a8  # noqa: F401  (registers the ops)
-    if args.block:  # eager / compiled / graph replay of the whole block: inductor_w4a8.bench_block
-        from .bench_block import main as block_main
-        return block_main(args.m, args.out)
     run(args.m, args.scale_mode, not args.no_peers, rep=args.rep, out_dir=args.out, block=args.block,
         numerics_m=args.numerics_m)
     return 0

@@ -113,12 +113,15 @@ def value_checks(enabled: bool = True):
     """Debug switch for the value checks that read device values (and so synchronize the host
     with the device), in this thread: off by default (W4A8_VALUE_CHECKS=1 flips the default).
     With it on, a bad offsets / expert-ids tensor is refused with a W4A8InputError naming it."""
-    previous = getattr(_state, "enabled", _DEFAULT)
+    previous = getattr(_state, "enabled", None)   # None: never set in this thread
     _state.enabled = bool(enabled)
     try:
         yield
     finally:
-        _state.enabled = previous
+        if previous is None:
+            del _state.enabled
+        else:
+            _state.enabled = previous
 
 
 def value_checks_enabled(t: torch.Tensor) -> bool:

@@ -122,3 +122,10 @@ def dispatch_observed() -> bool:
                     or C._autograd._profiler_enabled())
     except AttributeError:
         return True
+
+
+def dynamo_restart_exceptions() -> tuple[type[BaseException], ...]:
+    """Exceptions Dynamo raises through a backend to restart its own analysis (e.g. when it
+    tensorifies a float scalar): control flow, not failures, so a backend must let them pass."""
+    from torch._dynamo import exc
+    return tuple(t for t in (getattr(exc, "RestartAnalysis", None),) if t is not None)

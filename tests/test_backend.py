@@ -401,3 +401,41 @@ def test_cuda_glm46_layer_compiled_matches_eager():
     moe = make_moe(GLM, device="cuda")
     compiled = torch.compile(moe, backend="w4a8", fullgraph=True)
     assert_compiled_matches_eager(compiled, moe, (1, 512, 513, 4096, 8191, 8192))
+
+
+def test_dynamo_restart_passes_through_the_backend(monkeypatch):
+    """Dynamo restarts its analysis by raising through the backend (e.g. when it tensorifies a
+    float scalar); the backend must not take that for a failed GEMM trace and fall back to the
+    opaque op (seen on the H200: the block's compiled code lost its traced GEMM that way)."""
+    from torch._dynamo.exc import TensorifyScalarRestartAnalysis
+
+    import inductor_w4a8.backend as backend
+    calls = []
+
+    def compile_fx():
+        def compile(gm, example_inputs, config_patches=None):
+            calls.append(config_patches)
+            raise TensorifyScalarRestartAnalysis()
+        return compile
+    monkeypatch.setattr(backend._compat, "compile_fx", compile_fx)
+    graph = torch.fx.Graph()      # a graph that calls the GEMM, on a device it is traced for
+    a = graph.placeholder("a")
+    graph.output(graph.call_function(torch.ops.w4a8.grouped_gemm.default, (a,)))
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    example = [torch.ones(2, device="meta")]
+    options = {"w4a8.inline_devices": ("meta",)}
+    assert backend._calls_gemm(gm) and backend._on_devices(example, ("meta",))
+    with pytest.raises(TensorifyScalarRestartAnalysis):
+        backend.w4a8_backend(gm, example, options=options)
+    assert len(calls) == 1      # raised at once: no second, extern compile
+    calls.clear()
+
+    def failing_fx():            # the same graph, a real failure: the extern retry does run
+        def compile(gm, example_inputs, config_patches=None):
+            calls.append(config_patches)
+            raise RuntimeError("stand-in for an Inductor failure on the traced GEMM")
+        return compile
+    monkeypatch.setattr(backend._compat, "compile_fx", failing_fx)
+    with pytest.raises(RuntimeError, match="stand-in"):
+        backend.w4a8_backend(gm, example, options=options)
+    assert len(calls) == 2

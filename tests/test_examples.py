@@ -14,7 +14,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-GPU_ONLY = ["time_postprocess.py", "memcheck_grouped_gemm.py", "tune_grouped_gemm.py", "graph_report.py"]
+GPU_ONLY = ["time_postprocess.py", "memcheck_grouped_gemm.py", "tune_grouped_gemm.py", "graph_report.py",
+            "bench_linear.py", "bench_wgmma_gemm.py", "profile_eager.py"]
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU behaviour (this machine has a GPU)")
 
 
@@ -45,7 +46,7 @@ def call_example(capsys, name, *args):
 
 
 def test_every_example_is_covered():
-    covered = set(GPU_ONLY) | {"serve_loop.py", "transformers_moe.py", "benchmark_moe.py"}
+    covered = set(GPU_ONLY) | {"serve_loop.py", "transformers_moe.py", "benchmark_moe.py", "from_pretrained.py"}
     assert {p.name for p in EXAMPLES.glob("*.py")} == covered
 
 
@@ -131,6 +132,18 @@ def test_transformers_moe_cpu_default():
                for line in out.splitlines() if "logits cosine vs bf16" in line]
     assert len(cosines) == 2 and min(cosines) > 0.99      # int4 RTN of random weights: ~0.999
     assert "greedy tokens equal to bf16:" in out
+
+
+def test_profile_eager_stub_runs_on_cpu(capsys):
+    p = call_example(capsys, "profile_eager.py", "--stub", "--tokens", "1", "--reps", "3", "--top", "3")
+    assert p.returncode == 0 and "host us per forward" in p.stdout and "| direct | on |" in p.stdout
+
+
+@no_gpu
+def test_from_pretrained_cpu_default(capsys):
+    p = call_example(capsys, "from_pretrained.py")
+    assert p.returncode == 0, p.stderr
+    assert "W4A8 MoE blocks" in p.stdout and "generate: [" in p.stdout
 
 
 def test_benchmark_wrapper_passes_arguments_on(capsys, monkeypatch):
