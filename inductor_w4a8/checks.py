@@ -16,6 +16,8 @@ import threading
 
 import torch
 
+from . import formats
+
 
 class W4A8InputError(ValueError):
     """Raised for an input the W4A8 ops refuse; the message names the argument and the fix."""
@@ -142,3 +144,13 @@ def value_checks_setting() -> bool | None:
     """The switch as set by `value_checks(...)` in this thread, or None where it was never set
     (post-processing, which is off the forward path, has its own default: check on the host)."""
     return getattr(_state, "enabled", None)
+
+
+def group_size_problem(group_size: int, K: int | None = None, k_name: str = "K") -> str | None:
+    """What is wrong with a quantization group size (and K, when given), or None: the one rule
+    every op, module and loader applies."""
+    if group_size not in formats.SUPPORTED_GROUP_SIZES:
+        return f"group_size={group_size} is not supported; use one of {formats.SUPPORTED_GROUP_SIZES}"
+    if K is not None and K % group_size:
+        return f"{k_name}={K} is not a multiple of group_size={group_size}"
+    return None

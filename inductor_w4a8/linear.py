@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import formats
-from .checks import W4A8InputError
+from .checks import W4A8InputError, group_size_problem
 
 __all__ = ["W4A8Linear"]
 
@@ -45,8 +45,8 @@ class W4A8Linear(nn.Module):
                  scale_mode: str = formats.DEFAULT_SCALE_MODE, device=None):
         super().__init__()
         K, N, G = _size("in_features", in_features), _size("out_features", out_features), _size("group_size", group_size)
-        if G not in formats.SUPPORTED_GROUP_SIZES:
-            _fail(f"group_size={G} is not supported; use one of {formats.SUPPORTED_GROUP_SIZES}")
+        if problem := group_size_problem(G):
+            _fail(problem)
         if K % G:
             _fail(f"in_features={K} is not a multiple of group_size={G}; the int4 weights are "
                   f"quantized in whole groups along K")

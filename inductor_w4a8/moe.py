@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import eager, formats
-from .checks import W4A8InputError
+from .checks import W4A8InputError, group_size_problem
 
 SCORING_FUNCTIONS = ("softmax", "sigmoid")
 ROUTER_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -70,8 +70,8 @@ class W4A8MoE(nn.Module):
         H = _positive_int("hidden_size", hidden_size)
         I = _positive_int("intermediate_size", intermediate_size)
         G = _positive_int("group_size", group_size)
-        if G not in formats.SUPPORTED_GROUP_SIZES:
-            _fail(f"group_size={G} is not supported; use one of {formats.SUPPORTED_GROUP_SIZES}")
+        if problem := group_size_problem(G):
+            _fail(problem)
         for name, size in (("hidden_size", H), ("intermediate_size", I)):
             if size % G:
                 _fail(f"{name}={size} is not a multiple of group_size={G}; the int4 weights are "

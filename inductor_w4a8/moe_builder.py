@@ -21,6 +21,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
+from .checks import group_size_problem
 from . import formats
 from .moe import W4A8MoE
 from .tp import (IntermediateShard, TensorParallelW4A8MoE, intermediate_shard, process_on_side_stream,
@@ -65,9 +66,8 @@ def quantize_experts(w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, group
 
 def _check_stacked(w13_packed, w13_scale, w2_packed, w2_scale, group_size: int) -> tuple[int, int, int]:
     """-> (E, I, H) of checkpoint-form stacked experts, or W4A8CheckpointError saying what is off."""
-    if group_size not in formats.SUPPORTED_GROUP_SIZES:
-        raise W4A8CheckpointError(f"group_size={group_size} is not supported; use one of "
-                                  f"{formats.SUPPORTED_GROUP_SIZES}")
+    if problem := group_size_problem(group_size):
+        raise W4A8CheckpointError(problem)
     for name, t in (("w13_packed", w13_packed), ("w2_packed", w2_packed)):
         if t.dtype != torch.int32 or t.dim() != 3:
             raise W4A8CheckpointError(f"{name} must be int32 [E, N, K/8] words, got {t.dtype} "

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import formats, reference
-from .checks import (check_contiguous, check_dtype, check_min_rank, check_rank, check_same_device,
+from .checks import (group_size_problem, check_contiguous, check_dtype, check_min_rank, check_rank, check_same_device,
                      check_shape, fail, value_checks_enabled)
 
 FP8 = formats.FP8_DTYPE
@@ -238,10 +238,8 @@ def _check_grouped_gemm(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor,
     if words * formats.NIBBLES_PER_WORD != K:
         fail(op, f"a has K={K} but w holds K={words * formats.NIBBLES_PER_WORD} "
                  f"(w.shape[2] * 8); activations and weights must share K")
-    if group_size not in formats.SUPPORTED_GROUP_SIZES:
-        fail(op, f"group_size={group_size} is not supported; use one of {formats.SUPPORTED_GROUP_SIZES}")
-    if K % group_size:
-        fail(op, f"K={K} is not a multiple of group_size={group_size}")
+    if problem := group_size_problem(group_size, K):
+        fail(op, problem)
     check_shape(op, "a_scale", a_scale, (R, 1), "[R, 1] fp32 per-row scales")
     check_shape(op, "expert_offsets", expert_offsets, (E + 1,), "[E + 1] int64 cumulative row offsets")
     if w_chan_scale is None:
@@ -507,10 +505,8 @@ def _check_linear(x: Tensor, w: Tensor, w_scale: Tensor, w_chan_scale: Tensor | 
     if words * formats.NIBBLES_PER_WORD != K:
         fail(op, f"x has K={K} features but w holds K={words * formats.NIBBLES_PER_WORD} "
                  f"(w.shape[2] * 8); they must match")
-    if group_size not in formats.SUPPORTED_GROUP_SIZES:
-        fail(op, f"group_size={group_size} is not supported; use one of {formats.SUPPORTED_GROUP_SIZES}")
-    if K % group_size:
-        fail(op, f"K={K} is not a multiple of group_size={group_size}")
+    if problem := group_size_problem(group_size, K):
+        fail(op, problem)
     if w_chan_scale is None:
         check_dtype(op, "w_scale", w_scale, torch.bfloat16)
     else:
