@@ -11,12 +11,11 @@ and expert ids masked on the device, so no value can make a kernel read or write
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import threading
 
 import torch
-
-from . import formats
 
 
 class W4A8InputError(ValueError):
@@ -146,11 +145,9 @@ def value_checks_setting() -> bool | None:
     return getattr(_state, "enabled", None)
 
 
-def group_size_problem(group_size: int, K: int | None = None, k_name: str = "K") -> str | None:
-    """What is wrong with a quantization group size (and K, when given), or None: the one rule
-    every op, module and loader applies."""
-    if group_size not in formats.SUPPORTED_GROUP_SIZES:
-        return f"group_size={group_size} is not supported; use one of {formats.SUPPORTED_GROUP_SIZES}"
-    if K is not None and K % group_size:
-        return f"{k_name}={K} is not a multiple of group_size={group_size}"
-    return None
+def positive_int(name: str, value, fail) -> int:
+    """`value` as an int when it is a positive integer (not a bool); else `fail(message)`, the
+    caller's own error (it names the module the argument belongs to)."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        fail(f"{name} must be a positive int, got {value!r}")
+    return int(value)

@@ -181,16 +181,20 @@ def gemm_layout_strides(E: int, N: int, K: int, device=None) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # Weight quantization (to make test data) and dequantization
 # --------------------------------------------------------------------------------------------
-def check_group_size(K: int, group_size: int, what: str = "K") -> None:
+def group_size_problem(group_size: int, K: int | None = None, what: str = "K") -> str | None:
+    """What is wrong with a quantization group size (and K, when given), or None: the one rule
+    every op, module, loader and quantizer applies (each raises it as its own error type)."""
     if group_size not in SUPPORTED_GROUP_SIZES:
-        raise ValueError(
-            f"group_size={group_size} is not supported; use one of {SUPPORTED_GROUP_SIZES}"
-        )
-    if K % group_size:
-        raise ValueError(
-            f"{what}={K} is not a multiple of group_size={group_size}; pad {what} up to a "
-            f"multiple of the group size"
-        )
+        return f"group_size={group_size} is not supported; use one of {SUPPORTED_GROUP_SIZES}"
+    if K is not None and K % group_size:
+        return (f"{what}={K} is not a multiple of group_size={group_size}; pad {what} up to a "
+                f"multiple of the group size")
+    return None
+
+
+def check_group_size(K: int, group_size: int, what: str = "K") -> None:
+    if problem := group_size_problem(group_size, K, what):
+        raise ValueError(problem)
 
 
 def quantize_w4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:

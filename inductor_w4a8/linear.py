@@ -9,13 +9,11 @@ no graph break and captures in CUDA graphs.
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import nn
 
-from . import formats
-from .checks import W4A8InputError, group_size_problem
+from . import formats, postprocess
+from .checks import W4A8InputError, positive_int
 
 __all__ = ["W4A8Linear"]
 
@@ -25,9 +23,7 @@ def _fail(message: str) -> None:
 
 
 def _size(name: str, value) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        _fail(f"{name} must be a positive int, got {value!r}")
-    return int(value)
+    return positive_int(name, value, _fail)
 
 
 class W4A8Linear(nn.Module):
@@ -45,7 +41,7 @@ class W4A8Linear(nn.Module):
                  scale_mode: str = formats.DEFAULT_SCALE_MODE, device=None):
         super().__init__()
         K, N, G = _size("in_features", in_features), _size("out_features", out_features), _size("group_size", group_size)
-        if problem := group_size_problem(G):
+        if problem := formats.group_size_problem(G):
             _fail(problem)
         if K % G:
             _fail(f"in_features={K} is not a multiple of group_size={G}; the int4 weights are "
@@ -99,9 +95,13 @@ class W4A8Linear(nn.Module):
                 _fail(f"{name} must be {dtype} {shape}, got {t.dtype} {tuple(t.shape)}")
         return packed, scale
 
-    def process_weights_after_loading(self) -> None:
-        """Checkpoint tensors -> the GEMM's (the MoE's post-processing ops, with one expert)."""
+    def process_weights_after_loading(self, *, check_values: bool | None = None) -> None:
+        """Checkpoint tensors -> the GEMM's (the MoE's post-processing ops, with one expert).
+        Refuses an unloaded layer and NaN / infinite / negative scales first, under the same
+        rule as `postprocess.process_weights_after_loading` (`check_values`)."""
         packed, scale = self._checkpoint_tensors()
+        if postprocess.wants_value_checks(check_values, packed):
+            postprocess.check_checkpoint_values("", packed, scale, sep="")
         ops = torch.ops.w4a8
         with torch.no_grad():
             packed = packed.reshape(1, *packed.shape).contiguous()
@@ -121,8 +121,8 @@ class W4A8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """bf16 [..., K] -> bf16 [..., N]."""
         if not self.weights_processed:
-            raise RuntimeError("W4A8Linear.forward: the weights are not processed; call "
-                               "process_weights_after_loading() after loading the checkpoint")
+            _fail("forward: the weights are not processed; call process_weights_after_loading() "
+                  "after loading the checkpoint")
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
             _fail(f"forward: x must be a [..., {self.in_features}] tensor, got "
                   f"{tuple(getattr(x, 'shape', ()))}")

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import eager, formats
-from .checks import W4A8InputError, group_size_problem
+from .checks import W4A8InputError, positive_int
 
 SCORING_FUNCTIONS = ("softmax", "sigmoid")
 ROUTER_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -31,9 +31,7 @@ def _fail(message: str) -> None:
 
 
 def _positive_int(name: str, value) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        _fail(f"{name} must be a positive int, got {value!r}")
-    return int(value)
+    return positive_int(name, value, _fail)
 
 
 class W4A8MoE(nn.Module):
@@ -70,7 +68,7 @@ class W4A8MoE(nn.Module):
         H = _positive_int("hidden_size", hidden_size)
         I = _positive_int("intermediate_size", intermediate_size)
         G = _positive_int("group_size", group_size)
-        if problem := group_size_problem(G):
+        if problem := formats.group_size_problem(G):
             _fail(problem)
         for name, size in (("hidden_size", H), ("intermediate_size", I)):
             if size % G:

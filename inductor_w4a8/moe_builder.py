@@ -21,7 +21,6 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from .checks import group_size_problem
 from . import formats
 from .moe import W4A8MoE
 from .tp import (IntermediateShard, TensorParallelW4A8MoE, intermediate_shard, process_on_side_stream,
@@ -66,7 +65,7 @@ def quantize_experts(w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, group
 
 def _check_stacked(w13_packed, w13_scale, w2_packed, w2_scale, group_size: int) -> tuple[int, int, int]:
     """-> (E, I, H) of checkpoint-form stacked experts, or W4A8CheckpointError saying what is off."""
-    if problem := group_size_problem(group_size):
+    if problem := formats.group_size_problem(group_size):
         raise W4A8CheckpointError(problem)
     for name, t in (("w13_packed", w13_packed), ("w2_packed", w2_packed)):
         if t.dtype != torch.int32 or t.dim() != 3:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import formats, reference
-from .checks import (group_size_problem, check_contiguous, check_dtype, check_min_rank, check_rank, check_same_device,
+from .checks import (check_contiguous, check_dtype, check_min_rank, check_rank, check_same_device,
                      check_shape, fail, value_checks_enabled)
 
 FP8 = formats.FP8_DTYPE
@@ -238,7 +238,7 @@ def _check_grouped_gemm(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor,
     if words * formats.NIBBLES_PER_WORD != K:
         fail(op, f"a has K={K} but w holds K={words * formats.NIBBLES_PER_WORD} "
                  f"(w.shape[2] * 8); activations and weights must share K")
-    if problem := group_size_problem(group_size, K):
+    if problem := formats.group_size_problem(group_size, K):
         fail(op, problem)
     check_shape(op, "a_scale", a_scale, (R, 1), "[R, 1] fp32 per-row scales")
     check_shape(op, "expert_offsets", expert_offsets, (E + 1,), "[E + 1] int64 cumulative row offsets")
@@ -505,7 +505,7 @@ def _check_linear(x: Tensor, w: Tensor, w_scale: Tensor, w_chan_scale: Tensor | 
     if words * formats.NIBBLES_PER_WORD != K:
         fail(op, f"x has K={K} features but w holds K={words * formats.NIBBLES_PER_WORD} "
                  f"(w.shape[2] * 8); they must match")
-    if problem := group_size_problem(group_size, K):
+    if problem := formats.group_size_problem(group_size, K):
         fail(op, problem)
     if w_chan_scale is None:
         check_dtype(op, "w_scale", w_scale, torch.bfloat16)

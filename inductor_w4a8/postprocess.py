@@ -151,30 +151,31 @@ def _first_index(mask: torch.Tensor) -> tuple[int, ...]:
 
 
 def check_checkpoint_values(prefix: str, packed: torch.Tensor, scale: torch.Tensor,
-                            error: type[Exception] = W4A8InputError) -> None:
-    """Refuse the values of one projection's checkpoint tensors (`{prefix}_weight_packed`,
-    `{prefix}_weight_scale`) that can only come from a failed or corrupt load (module docstring).
+                            error: type[Exception] = W4A8InputError, sep: str = "_") -> None:
+    """Refuse the values of one projection's checkpoint tensors (`{prefix}{sep}weight_packed`,
+    `{prefix}{sep}weight_scale`) that can only come from a failed or corrupt load (module docstring).
     Reads every scale and, unless its first words differ from the constructor's fill, every word;
-    call it on host tensors (a CUDA tensor costs a synchronization). Raises `error`."""
+    call it on host tensors (a CUDA tensor costs a synchronization). Raises `error`; the tensors
+    are named `{prefix}{sep}weight_packed` / `{prefix}{sep}weight_scale`."""
     packed, scale = packed.detach(), scale.detach()
     unloaded = "; nothing was loaded into this layer (load the checkpoint with load_state_dict or " \
                "inductor_w4a8.load_w4a8_checkpoint before processing)"
     if scale.numel() and not bool(scale.any()):
-        raise error(f"{_OP}: every value of {prefix}_weight_scale is 0{unloaded}")
+        raise error(f"{_OP}: every value of {prefix}{sep}weight_scale is 0{unloaded}")
     for fill in (formats.UINT4B8_ZERO_WORD, 0):
         if _all_equal(packed, fill):
-            raise error(f"{_OP}: every word of {prefix}_weight_packed is {fill & 0xFFFFFFFF:#010x} "
+            raise error(f"{_OP}: every word of {prefix}{sep}weight_packed is {fill & 0xFFFFFFFF:#010x} "
                         f"(the constructor's fill or zeroed memory){unloaded}")
     for what, bad in (("NaN or infinite", ~torch.isfinite(scale)), ("negative", scale < 0)):
         count = int(bad.sum())
         if count:
-            raise error(f"{_OP}: {prefix}_weight_scale holds {count} {what} group scale(s), the first "
+            raise error(f"{_OP}: {prefix}{sep}weight_scale holds {count} {what} group scale(s), the first "
                         f"at [expert, row, group] = {list(_first_index(bad))}; symmetric int4 scales are "
                         f"finite and >= 0 (amax / 7.5): the checkpoint is corrupt or was not written "
                         f"by a compressed-tensors quantizer")
 
 
-def _wants_value_checks(check_values: bool | None, t: torch.Tensor) -> bool:
+def wants_value_checks(check_values: bool | None, t: torch.Tensor) -> bool:
     if t.device.type == "meta":
         return False
     if check_values is not None:
@@ -208,7 +209,7 @@ def process_weights_after_loading(layer, *, check_values: bool | None = None) ->
     check_values: None (default) checks the checkpoint's values on CPU only, True everywhere
     but meta (a synchronization on CUDA), False never."""
     t, _, scale_mode = _validate(layer)
-    if _wants_value_checks(check_values, t["w13_weight_packed"]):
+    if wants_value_checks(check_values, t["w13_weight_packed"]):
         for prefix in ("w13", "w2"):
             check_checkpoint_values(prefix, t[f"{prefix}_weight_packed"], t[f"{prefix}_weight_scale"])
     with torch.no_grad():

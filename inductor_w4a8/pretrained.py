@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import formats
+from .checks import W4A8InputError
 from .checkpoint_files import CheckpointFiles, read_config
 from .hf import find_moe_blocks, moe_routing_of, w4a8_block
 from .linear import W4A8Linear
@@ -217,10 +219,14 @@ def from_pretrained(path, *, device=None, scale_mode: str | None = None, process
     (default: the package default). process_group: shard the MoE experts over this
     torch.distributed group (tensor parallel, `inductor_w4a8.tp`); everything else is replicated.
     """
+    device = _target_device(device)        # the arguments first, before any file is read
+    if scale_mode is not None and scale_mode not in formats.SCALE_MODES:
+        raise W4A8InputError(f"from_pretrained: scale_mode={scale_mode!r} is not supported; use one "
+                             f"of {formats.SCALE_MODES} or None (the default, {formats.DEFAULT_SCALE_MODE!r})")
+    process_group_rank(process_group)
     path = Path(path)
     config_dict = read_config(path)
     qc = quantization_section(config_dict)
-    device = torch.device(device) if device is not None else torch.device("cpu")
     model = _model_on_meta(path, config_dict)
     names = _Names(model)
     consumed: set = set()
@@ -237,6 +243,25 @@ def from_pretrained(path, *, device=None, scale_mode: str | None = None, process
             module.process_weights_after_loading()
     _load_generation_config(model, path)
     return model.eval()
+
+
+def _target_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise W4A8InputError(f"from_pretrained: device={device!r} is not a device; use 'cpu', "
+                             f"'cuda' or 'cuda:N'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise W4A8InputError(f"from_pretrained: device={str(device)!r} but torch {torch.__version__} "
+                             f"sees no CUDA GPU; use device='cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise W4A8InputError(f"from_pretrained: device={str(device)!r} but there are only "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise W4A8InputError(f"from_pretrained: device={str(device)!r}: only cpu and cuda are supported")
+    return device
 
 
 def _load_generation_config(model, path: Path) -> None:

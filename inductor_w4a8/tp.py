@@ -37,7 +37,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .checks import group_size_problem
 from . import formats
 
 __all__ = ["IntermediateShard", "intermediate_shard", "shard_rows", "shard_k", "shard_expert_weights",
@@ -80,7 +79,7 @@ def intermediate_shard(intermediate_size: int, group_size: int, rank: int = 0,
                        world_size: int = 1) -> IntermediateShard:
     """Rank r of world_size owns channels [I*r//world, I*(r+1)//world), padded out to whole groups."""
     I, G = int(intermediate_size), int(group_size)
-    if problem := group_size_problem(G):
+    if problem := formats.group_size_problem(G):
         raise ValueError(problem)
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")

@@ -147,7 +147,7 @@ def _check_part(name: str, packed: torch.Tensor, scale: torch.Tensor, shape, G: 
     if not scale.is_floating_point():
         raise W4A8CheckpointError(f"{name}.weight_scale has dtype {scale.dtype}; need a float (bf16)")
     if scale.device.type == "cpu":   # read from the file on the host: the check costs no sync
-        check_checkpoint_values(name, packed, scale, error=W4A8CheckpointError)
+        check_checkpoint_values(name, packed, scale, error=W4A8CheckpointError, sep=".")
     return N, K
 
 

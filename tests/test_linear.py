@@ -84,7 +84,7 @@ def test_refusals():
     with pytest.raises(W4A8InputError, match="group_size=16"):
         w4a8.W4A8Linear(128, 8, group_size=16)
     lin = w4a8.W4A8Linear(128, 8, group_size=64)
-    with pytest.raises(RuntimeError, match="not processed"):
+    with pytest.raises(w4a8.W4A8InputError, match="not processed"):
         lin(torch.zeros(1, 128, dtype=torch.bfloat16))
     lin, _, _ = random_layer(8, 128, 64, seed=0)
     with pytest.raises(RuntimeError, match="already processed"):
@@ -169,3 +169,21 @@ def test_cuda_graph_capture_replays_eager():
         static_x.copy_(torch.randn(64, 5120, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)))
         graph.replay()
         assert torch.equal(static_y, lin(static_x))
+
+
+def test_unloaded_or_corrupt_weights_refused_before_processing():
+    """The MoE's post-processing rule: nothing loaded, or NaN / negative scales, is refused
+    before anything is written, naming the tensor."""
+    lin = w4a8.W4A8Linear(128, 16, group_size=64)
+    with pytest.raises(w4a8.W4A8InputError, match="every value of weight_scale is 0"):
+        lin.process_weights_after_loading()
+    assert not lin.weights_processed and lin.weight_packed.dtype == torch.int32
+    for bad, what in ((float("nan"), "NaN or infinite"), (-0.5, "negative")):
+        fresh = w4a8.W4A8Linear(128, 16, group_size=64)
+        packed, scale = formats.quantize_w4(torch.randn(16, 128), 64)
+        scale[2, 1] = bad
+        fresh.load_state_dict({"weight_packed": packed, "weight_scale": scale})
+        before = fresh.weight_packed.clone()
+        with pytest.raises(w4a8.W4A8InputError, match=f"weight_scale holds 1 {what}.*\\[2, 1\\]"):
+            fresh.process_weights_after_loading()
+        assert torch.equal(fresh.weight_packed, before)   # untouched

@@ -293,3 +293,15 @@ def test_dequantized_reference_without_compressed_tensors_is_the_same(tmp_path, 
     ours = dequantized_reference(path).state_dict()
     assert theirs.keys() == ours.keys()
     assert all(torch.equal(theirs[k], ours[k]) for k in theirs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"scale_mode": "bogus"}, "scale_mode='bogus' is not supported"),
+    ({"device": "foo"}, "device='foo' is not a device"),
+    ({"device": "meta"}, "only cpu and cuda"),
+    ({"process_group": object()}, "torch.distributed is not initialised"),
+] + ([] if torch.cuda.is_available() else [({"device": "cuda"}, "sees no CUDA GPU")]))
+def test_bad_arguments_refused_before_any_file_is_read(tmp_path, kwargs, match):
+    """The path does not even exist: an argument error must come first, naming the argument."""
+    with pytest.raises((w4a8.W4A8InputError, RuntimeError), match=match):
+        w4a8.from_pretrained(tmp_path / "missing", **kwargs)

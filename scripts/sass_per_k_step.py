@@ -1,0 +1,47 @@
+"""SASS of the grouped GEMM's K loop per tile of the table, compiled for sm_90 on this machine
+(no GPU needed): registers, stack, and per loop iteration the instruction count and its mix.
+
+    python scripts/sass_per_k_step.py      (uses the installed triton and its cuobjdump)
+"""
+import re, subprocess, sys, os, tempfile, glob
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from inductor_w4a8.kernels.grouped_gemm import w4a8_grouped_gemm_kernel
+tiles = [(16, 64, 4, 3, 2), (32, 64, 4, 4, 1), (64, 64, 4, 4, 1), (128, 64, 4, 4, 1)]
+cuobj = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump"))[0]
+for bm, bn, nw, ns, gps in tiles:
+    sig = {"a_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "w_ptr": "*u8", "s_ptr": "*fp8e4nv", "chan_ptr": "*fp32",
+           "off_ptr": "*i64", "out_ptr": "*bf16", "R": "i32", "N": "i32", "K": "i32", "E": "i32"}
+    const = {"GROUP": 128, "HAS_CHAN": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_E": 256, "USE_ASM": True, "GROUPS_PER_STEP": gps}
+    sig.update({c: "constexpr" for c in const})
+    attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 9)}
+    c = triton.compile(ASTSource(fn=w4a8_grouped_gemm_kernel, signature=sig, constexprs=const, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": nw, "num_stages": ns})
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(c.asm["cubin"]); path = f.name
+    sass = subprocess.run([cuobj, "-sass", path], capture_output=True, text=True).stdout
+    lines = [l for l in sass.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/", l)]
+    # the K loop: the block between the first QGMMA's enclosing backward branch target and the branch
+    ops = [re.sub(r"^\s*/\*[0-9a-f]+\*/\s*(@!?U?P\w+\s+)?", "", l).split()[0].rstrip(";") for l in lines]
+    addr = [int(re.search(r"/\*([0-9a-f]{4})\*/", l).group(1), 16) for l in lines]
+    q = [i for i, o in enumerate(ops) if o.startswith("QGMMA") or o.startswith("HGMMA")]
+    # the K loop: the shortest backward branch whose body holds the QGMMAs
+    ru = subprocess.run([cuobj, "-res-usage", path], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+).*?STACK:(\d+).*?LOCAL:(\d+)", ru, re.S); res = f"REG {m.group(1)} STACK {m.group(2)} LOCAL {m.group(3)}" if m else ru[-200:]
+    best = None
+    for i, l in enumerate(lines):
+        m = re.search(r"BRA\s+(?:\S+\s+)?(?:`\()?(0x[0-9a-f]+)", l)
+        if not m:
+            continue
+        tgt = int(m.group(1), 16)
+        if tgt < addr[i]:
+            j = next(k for k, a in enumerate(addr) if a >= tgt)
+            if any(j <= x <= i for x in q) and (best is None or i - j < best[1] - best[0]):
+                best = (j, i)
+    body = ops[best[0]:best[1] + 1] if best else []
+    steps = gps
+    n = lambda p: sum(o.startswith(p) for o in body)
+    print(f"triton {triton.__version__} tile {bm}x{bn} w{nw} s{ns} gps{gps}: {res} "
+          f"| K-loop instr {len(body)} ({len(body)/max(1,steps):.0f}/group): QGMMA {n('QGMMA')}, FFMA {n('FFMA')}, "
+          f"FMUL {n('FMUL')}, PRMT {n('PRMT')}, LDS {n('LDS')}, LDG {n('LDG')}, LDGSTS {n('LDGSTS')}, BAR {n('BAR')}, WARPGROUP {n('WARPGROUP')}")
