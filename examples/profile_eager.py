@@ -63,17 +63,14 @@ def stub_math(monkeypatch_list):
                                                  lg.new_zeros((lg.shape[0], k), dtype=torch.int32)),
         "sort_by_expert": lambda ids, E: (ids.new_zeros((ids.numel(),)), ids.new_zeros(ids.shape),
                                           torch.zeros(E + 1, dtype=torch.int64)),
-        "gather_rows_fp8": lambda xq, xs, rows, k: (xq.new_empty((rows.shape[0], xq.shape[1])),
-                                                    xs.new_empty((rows.shape[0], 1))),
+        "quantize_scatter_fp8": lambda x, f2s: (x.new_empty((f2s.numel(), x.shape[1]), dtype=formats.FP8_DTYPE),
+                                                x.new_empty((f2s.numel(), 1), dtype=torch.float32)),
         "silu_mul_quantize_fp8": lambda x: (x.new_empty((x.shape[0], x.shape[1] // 2), dtype=formats.FP8_DTYPE),
                                             x.new_empty((x.shape[0], 1), dtype=torch.float32)),
     }
     for name, fn in fake.items():
         monkeypatch_list.append((reference, name, getattr(reference, name)))
         setattr(reference, name, fn)
-    q = lambda x: (x.new_empty(x.shape, dtype=formats.FP8_DTYPE), x.new_empty((x.shape[0], 1), dtype=torch.float32))  # noqa: E731
-    monkeypatch_list.append((formats, "quantize_fp8_per_token", formats.quantize_fp8_per_token))
-    formats.quantize_fp8_per_token = q
     gemm = lambda a, s, w, *r: a.new_empty((a.shape[0], w.shape[1]), dtype=torch.bfloat16)  # noqa: E731
     comb = lambda y, f2s, tw: y.new_empty((f2s.shape[0], y.shape[1]))  # noqa: E731
     for name, fn in (("grouped_gemm_cpu_math", gemm), ("combine_cpu_math", comb)):
@@ -84,8 +81,8 @@ def stub_math(monkeypatch_list):
 
 def per_op_rows(layer, x, logits, device, reps):
     """Host us per op: through the dispatcher, direct checked, direct unchecked."""
-    rec_names = ("select_experts", "sort_by_expert", "quantize_fp8_per_token", "gather_rows_fp8",
-                 "grouped_gemm", "silu_mul_quantize_fp8", "combine")
+    rec_names = ("select_experts", "sort_by_expert", "quantize_scatter_fp8", "grouped_gemm",
+                 "silu_mul_quantize_fp8", "combine")
     calls = []
 
     class Spy:

@@ -7,8 +7,11 @@ GEMM, scale conversion) -> `forward(hidden_states, router_logits)`.
 forward is a straight line of `torch.ops.w4a8` ops, so torch.compile(fullgraph=True) sees only
 our ops and the block is CUDA-graph capturable (no host sync, no value-dependent shape):
 
-    select_experts -> sort_by_expert -> quantize_fp8_per_token -> gather_rows_fp8
-    -> grouped_gemm(w13) -> silu_mul_quantize_fp8 -> grouped_gemm(w2) -> combine
+    select_experts -> sort_by_expert -> quantize_scatter_fp8 -> grouped_gemm(w13)
+    -> silu_mul_quantize_fp8 -> grouped_gemm(w2) -> combine
+
+(router -> dispatch: each token quantized once and written to its top_k expert-sorted rows ->
+experts: two grouped GEMMs around the activation -> combine: the weighted sum of a token's rows).
 
 It runs on CPU (the ops' CPU kernels), CUDA (Triton) and meta tensors (the fake kernels).
 """
@@ -166,8 +169,7 @@ class W4A8MoE(nn.Module):
             router_logits, self.e_score_correction_bias, self.top_k, self.scoring,
             self.renormalize, self.n_group or 0, self.topk_group or 0, self.routed_scaling_factor)
         sorted_rows, flat_to_sorted, offsets = ops.sort_by_expert(topk_ids, self.num_experts)
-        xq, x_scale = ops.quantize_fp8_per_token(hidden_states.contiguous())
-        a, a_scale = ops.gather_rows_fp8(xq, x_scale, sorted_rows, self.top_k)
+        a, a_scale = ops.quantize_scatter_fp8(hidden_states.contiguous(), flat_to_sorted)
         h = ops.grouped_gemm(a, a_scale, self.w13_weight, self.w13_group_scale, self.w13_chan_scale,
                              offsets, G)
         hq, h_scale = ops.silu_mul_quantize_fp8(h)

@@ -441,6 +441,53 @@ def _gather_rows_fp8_cuda(xq, x_scale, sorted_rows, top_k):
     return _launcher("moe_gather").gather_rows_fp8(xq, x_scale, sorted_rows, top_k)
 
 
+def _check_quantize_scatter(x: Tensor, flat_to_sorted: Tensor) -> None:
+    op = "quantize_scatter_fp8"
+    _check_activations(op, x, "[T, K] bf16 tokens")
+    check_dtype(op, "flat_to_sorted", flat_to_sorted, torch.int32)
+    check_rank(op, "flat_to_sorted", flat_to_sorted, 2, "[T, top_k] int32 from w4a8::sort_by_expert")
+    check_contiguous(op, "flat_to_sorted", flat_to_sorted)
+    check_same_device(op, x=x, flat_to_sorted=flat_to_sorted)
+    T, top_k = flat_to_sorted.shape
+    if T != x.shape[0]:
+        fail(op, f"flat_to_sorted has {T} rows but x has {x.shape[0]} tokens; they must match")
+    if top_k < 1:
+        fail(op, "flat_to_sorted has 0 columns; it must hold top_k >= 1 sorted rows per token")
+    if value_checks_enabled(flat_to_sorted) and flat_to_sorted.numel():
+        seen = torch.sort(flat_to_sorted.reshape(-1).cpu()).values
+        if not torch.equal(seen, torch.arange(seen.numel(), dtype=torch.int32)):
+            fail(op, f"flat_to_sorted must be a permutation of [0, T * top_k) = [0, {seen.numel()}) "
+                     f"(as w4a8::sort_by_expert returns); some rows would be written twice or never")
+
+
+@torch.library.custom_op("w4a8::quantize_scatter_fp8", mutates_args=())
+def quantize_scatter_fp8(x: Tensor, flat_to_sorted: Tensor) -> tuple[Tensor, Tensor]:
+    """Row flat_to_sorted[t, j] of the fp8 [T * top_k, K] output (and of its fp32 [T * top_k, 1]
+    scales) is token t quantized per token: quantize_fp8_per_token then gather_rows_fp8, in one
+    kernel. flat_to_sorted must be a permutation (positions are clamped; rows that no pair points
+    at are unspecified: zero on CPU)."""
+    raise NotImplementedError(f"w4a8::quantize_scatter_fp8 has no kernel for {x.device}")
+
+
+@quantize_scatter_fp8.register_fake
+def _(x, flat_to_sorted):
+    _check_quantize_scatter(x, flat_to_sorted)
+    R = flat_to_sorted.numel()
+    return x.new_empty((R, x.shape[1]), dtype=FP8), x.new_empty((R, 1), dtype=torch.float32)
+
+
+@quantize_scatter_fp8.register_kernel("cpu")
+def _quantize_scatter_fp8_cpu(x, flat_to_sorted):
+    _check_quantize_scatter(x, flat_to_sorted)
+    return reference.quantize_scatter_fp8(x, flat_to_sorted)
+
+
+@quantize_scatter_fp8.register_kernel("cuda")
+def _quantize_scatter_fp8_cuda(x, flat_to_sorted):
+    _check_quantize_scatter(x, flat_to_sorted)
+    return _launcher("quantize_scatter").quantize_scatter_fp8(x, flat_to_sorted)
+
+
 def _check_combine(y: Tensor, flat_to_sorted: Tensor, topk_weights: Tensor) -> None:
     op = "combine"
     check_dtype(op, "y", y, torch.bfloat16)
@@ -563,5 +610,6 @@ def _(x, w, w_scale, w_chan_scale, group_size):
 
 # every op with a floating input (the others cannot be handed a tensor that requires grad)
 for _name in ("convert_bf16_scales_to_fp8", "quantize_fp8_per_token", "silu_mul_quantize_fp8",
-              "grouped_gemm", "select_experts", "gather_rows_fp8", "combine", "linear"):
+              "grouped_gemm", "select_experts", "gather_rows_fp8", "quantize_scatter_fp8", "combine",
+              "linear"):
     _inference_only(globals()[_name], _name)

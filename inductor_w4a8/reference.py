@@ -91,6 +91,21 @@ def gather_rows_fp8(xq: torch.Tensor, x_scale: torch.Tensor, sorted_rows: torch.
     return rows, x_scale.index_select(0, tokens)
 
 
+def quantize_scatter_fp8(x: torch.Tensor, flat_to_sorted: torch.Tensor):
+    """(fp8 [T * k, K], fp32 [T * k, 1]): row flat_to_sorted[t, j] is token t of x quantized per
+    token; with flat_to_sorted from sort_by_expert this is gather_rows_fp8 of the quantized
+    tokens. Positions are clamped into [0, T * k); rows no pair points at are zero."""
+    xq, x_scale = formats.quantize_fp8_per_token(x)
+    T, k = flat_to_sorted.shape
+    R = T * k
+    rows = flat_to_sorted.long().clamp(0, max(R - 1, 0)).reshape(-1)
+    a = torch.zeros((R, x.shape[1]), dtype=torch.uint8, device=x.device)
+    a_scale = torch.zeros((R, 1), dtype=torch.float32, device=x.device)
+    a.index_copy_(0, rows, xq.view(torch.uint8).repeat_interleave(k, dim=0))
+    a_scale.index_copy_(0, rows, x_scale.repeat_interleave(k, dim=0))
+    return a.view(formats.FP8_DTYPE), a_scale
+
+
 def combine(y: torch.Tensor, flat_to_sorted: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
     """fp32 [T, H]: out[t] = sum_j topk_weights[t, j] * y[flat_to_sorted[t, j]].
 

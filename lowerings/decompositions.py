@@ -42,6 +42,10 @@ def _gather_rows_fp8(xq, x_scale, sorted_rows, top_k):
     return reference.gather_rows_fp8(xq, x_scale, sorted_rows, top_k)
 
 
+def _quantize_scatter_fp8(x, flat_to_sorted):
+    return reference.quantize_scatter_fp8(x, flat_to_sorted)
+
+
 # op name -> decomposition of its .default overload
 DECOMPOSITIONS = {
     "quantize_fp8_per_token": _quantize_fp8_per_token,
@@ -49,6 +53,7 @@ DECOMPOSITIONS = {
     "combine": _combine,
     "select_experts": _select_experts,
     "gather_rows_fp8": _gather_rows_fp8,
+    "quantize_scatter_fp8": _quantize_scatter_fp8,
 }
 # Nothing is fused by default, by measurement (H100, torch 2.11, GLM-4.6 layer, examples/
 # graph_report.py --fuse none|default|all): Inductor's fused combine (one pointwise kernel over the

@@ -69,7 +69,8 @@ def test_split_options():
     assert settings.fuse == ("combine", "quantize_fp8_per_token")
     assert backend.split_options(None)[0] == Settings()
     assert set(backend.split_options({"w4a8.fuse": "all"})[0].fuse) == {
-        "quantize_fp8_per_token", "silu_mul_quantize_fp8", "combine", "select_experts", "gather_rows_fp8"}
+        "quantize_fp8_per_token", "silu_mul_quantize_fp8", "combine", "select_experts", "gather_rows_fp8",
+        "quantize_scatter_fp8"}
 
 
 @pytest.mark.parametrize("options, match", [
@@ -198,8 +199,7 @@ class TestPinnedGraphs(expecttest.TestCase):
         self.assertExpectedInline("\n".join(recorder.w4a8_ops()), """\
 w4a8.select_experts
 w4a8.sort_by_expert
-w4a8.quantize_fp8_per_token
-w4a8.gather_rows_fp8
+w4a8.quantize_scatter_fp8
 w4a8.grouped_gemm
 w4a8.silu_mul_quantize_fp8
 w4a8.grouped_gemm
@@ -210,13 +210,13 @@ w4a8.combine""")
         on CPU the GEMM is an extern call too (the traced kernel is for CUDA)."""
         _, code = self._compile()
         self.assertExpectedInline(" ".join(extern_w4a8_calls(code)), """\
-combine gather_rows_fp8 grouped_gemm quantize_fp8_per_token select_experts silu_mul_quantize_fp8 sort_by_expert""")
+combine grouped_gemm quantize_scatter_fp8 select_experts silu_mul_quantize_fp8 sort_by_expert""")
         self.assertEqual(code.count("torch.ops.w4a8.grouped_gemm.default("), 2)
 
     def test_generated_code_fuse_none(self):
         _, code = self._compile({"w4a8.fuse": "none"})
         self.assertExpectedInline(" ".join(extern_w4a8_calls(code)), """\
-combine gather_rows_fp8 grouped_gemm quantize_fp8_per_token select_experts silu_mul_quantize_fp8 sort_by_expert""")
+combine grouped_gemm quantize_scatter_fp8 select_experts silu_mul_quantize_fp8 sort_by_expert""")
 
     def test_generated_code_fuse_all(self):
         _, code = self._compile({"w4a8.fuse": "all"})

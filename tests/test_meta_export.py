@@ -77,8 +77,7 @@ w2_group_scale: bfloat16 [160, 5120, 12] meta""")
         self.assertExpectedInline("\n".join(w4a8_calls(ep.graph_module)), """\
 w4a8.select_experts.default
 w4a8.sort_by_expert.default
-w4a8.quantize_fp8_per_token.default
-w4a8.gather_rows_fp8.default
+w4a8.quantize_scatter_fp8.default
 w4a8.grouped_gemm.default
 w4a8.silu_mul_quantize_fp8.default
 w4a8.grouped_gemm.default

@@ -1,4 +1,5 @@
-"""The MoE path ops: select_experts, sort_by_expert, gather_rows_fp8, silu_mul_quantize_fp8, combine.
+"""The MoE path ops: select_experts, sort_by_expert, quantize_scatter_fp8, gather_rows_fp8,
+silu_mul_quantize_fp8, combine.
 
 - CPU: opcheck of every op, the CPU kernels vs reference / a direct computation, bad inputs
   refused before anything runs, T = 0, E = 7 and E = 60, empty experts.
@@ -62,6 +63,24 @@ def quantized_tokens(T, K, device="cpu"):
     return formats.quantize_fp8_per_token((torch.randn(T, K) * 2).to(torch.bfloat16).to(device))
 
 
+def tokens_and_f2s(T, K, k, device="cpu"):
+    """bf16 tokens [T, K] (row 0 all zero when T) and a random permutation as flat_to_sorted [T, k]."""
+    x = (torch.randn(T, K) * 2).to(torch.bfloat16)
+    if T:
+        x[0] = 0  # an all-zero token takes the minimum scale
+    f2s = torch.randperm(T * k).to(torch.int32).view(T, k)
+    return x.to(device), f2s.to(device)
+
+
+def gathered_quantized(x, f2s):
+    """The two-op form of quantize_scatter_fp8: quantize, then gather by the inverse permutation."""
+    T, k = f2s.shape
+    sorted_rows = torch.empty(T * k, dtype=torch.int32)
+    sorted_rows[f2s.reshape(-1).long()] = torch.arange(T * k, dtype=torch.int32)
+    xq, xs = formats.quantize_fp8_per_token(x)
+    return reference.gather_rows_fp8(xq, xs, sorted_rows, k)
+
+
 def sort_inputs(T, k, E):
     ids = random_ids(T, k, E, empty=(1, E - 2) if E > 4 else ())
     return ids
@@ -85,6 +104,11 @@ def test_opcheck_sort_by_expert(T, k, E, seed):
 def test_opcheck_gather_rows_fp8(T, K, k, seed):
     xq, xs = quantized_tokens(T, K)
     opcheck(ops.gather_rows_fp8, (xq, xs, torch.randperm(T * k).to(torch.int32), k))
+
+
+@pytest.mark.parametrize("T,K,k", [(0, 64, 2), (1, 64, 8), (7, 96, 3)])
+def test_opcheck_quantize_scatter_fp8(T, K, k, seed):
+    opcheck(ops.quantize_scatter_fp8, tokens_and_f2s(T, K, k))
 
 
 @pytest.mark.parametrize("R,I", [(0, 64), (1, 64), (9, 96)])
@@ -146,6 +170,26 @@ def test_cpu_gather_rows_fp8(T, K, k, seed):
     assert torch.equal(u8(a), u8(xq)[tokens]) and torch.equal(a_scale, xs[tokens])
 
 
+@pytest.mark.parametrize("T,K,k", [(0, 64, 2), (1, 64, 8), (13, 36, 3), (40, 1032, 4), (5, 0, 2)])
+def test_cpu_quantize_scatter_fp8(T, K, k, seed):
+    x, f2s = tokens_and_f2s(T, K, k)
+    a, a_scale = ops.quantize_scatter_fp8(x, f2s)
+    ref_a, ref_s = gathered_quantized(x, f2s)
+    assert a.shape == (T * k, K) and a_scale.shape == (T * k, 1)
+    assert torch.equal(u8(a), u8(ref_a)) and torch.equal(a_scale, ref_s)
+    if T:  # each token's k rows are the same row
+        assert torch.equal(u8(a)[f2s[:, 0].long()], u8(a)[f2s[:, -1].long()])
+        assert a_scale[f2s[0, 0]] == formats.FP8_MIN_SCALE
+
+
+def test_quantize_scatter_value_check_refuses_a_non_permutation():
+    x, f2s = tokens_and_f2s(4, 32, 2)
+    f2s[1, 1] = f2s[0, 0]  # row written twice, another never
+    ops.quantize_scatter_fp8(x, f2s)  # default: no device read, positions clamped
+    with value_checks(True), pytest.raises(W4A8InputError, match="permutation of \\[0, T \\* top_k\\)"):
+        ops.quantize_scatter_fp8(x, f2s)
+
+
 @pytest.mark.parametrize("R,I", [(0, 64), (1, 64), (17, 200), (4, 1536)])
 def test_cpu_silu_mul_quantize_fp8(R, I, seed):
     x = (torch.randn(R, 2 * I) * 3).to(torch.bfloat16)
@@ -183,6 +227,8 @@ def test_meta_shapes():
     a, s = ops.gather_rows_fp8(torch.empty(5, 64, dtype=FP8, device=m), torch.empty(5, 1, device=m),
                                rows, 6)
     assert a.shape == (30, 64) and a.dtype == FP8 and s.shape == (30, 1)
+    a, s = ops.quantize_scatter_fp8(torch.empty(5, 64, dtype=torch.bfloat16, device=m), f2s)
+    assert a.shape == (30, 64) and a.dtype == FP8 and s.shape == (30, 1) and s.dtype == torch.float32
     q, s = ops.silu_mul_quantize_fp8(torch.empty(30, 128, dtype=torch.bfloat16, device=m))
     assert q.shape == (30, 64) and q.dtype == FP8 and s.shape == (30, 1)
     out = ops.combine(torch.empty(30, 64, dtype=torch.bfloat16, device=m), f2s, w)
@@ -234,6 +280,19 @@ BAD_CALLS = {
                                                         torch.zeros(7, dtype=torch.int32), 2), "sorted_rows"),
     "gather: int64 rows": (lambda: ops.gather_rows_fp8(torch.zeros(4, 64, dtype=FP8), torch.ones(4, 1),
                                                        torch.zeros(8, dtype=torch.int64), 2), "dtype"),
+    "scatter: fp32 tokens": (lambda: ops.quantize_scatter_fp8(torch.zeros(4, 64), torch.zeros(4, 2, dtype=torch.int32)),
+                             "x must have dtype"),
+    "scatter: int64 positions": (lambda: ops.quantize_scatter_fp8(torch.zeros(4, 64, dtype=torch.bfloat16),
+                                                                  torch.zeros(4, 2, dtype=torch.int64)),
+                                 "flat_to_sorted must have dtype"),
+    "scatter: T mismatch": (lambda: ops.quantize_scatter_fp8(torch.zeros(4, 64, dtype=torch.bfloat16),
+                                                             torch.zeros(3, 2, dtype=torch.int32)), "3 rows"),
+    "scatter: rank 1": (lambda: ops.quantize_scatter_fp8(torch.zeros(4, 64, dtype=torch.bfloat16),
+                                                         torch.zeros(8, dtype=torch.int32)), "rank"),
+    "scatter: no slots": (lambda: ops.quantize_scatter_fp8(torch.zeros(4, 64, dtype=torch.bfloat16),
+                                                           torch.zeros(4, 0, dtype=torch.int32)), "top_k >= 1"),
+    "scatter: strided x": (lambda: ops.quantize_scatter_fp8(torch.zeros(64, 4, dtype=torch.bfloat16).t(),
+                                                            torch.zeros(4, 2, dtype=torch.int32)), "contiguous"),
     "silu: odd width": (lambda: ops.silu_mul_quantize_fp8(torch.zeros(4, 63, dtype=torch.bfloat16)),
                         "even"),
     "silu: fp32": (lambda: ops.silu_mul_quantize_fp8(torch.zeros(4, 64)), "dtype"),
@@ -355,6 +414,26 @@ else:  # TRITON_INTERPRET=1: the launchers on CPU tensors
         ref_a, ref_s = reference.gather_rows_fp8(xq, xs, rows, k)
         assert torch.equal(u8(a), u8(ref_a)) and torch.equal(a_scale, ref_s)
 
+    @pytest.mark.parametrize("T,K,k", [(0, 64, 2), (1, 64, 8), (13, 36, 3), (7, 10, 2), (5, 0, 2),
+                                       (9, 2500, 4), (3, 5120, 8)])
+    def test_interp_quantize_scatter_fp8(T, K, k, seed):
+        x, f2s = tokens_and_f2s(T, K, k)
+        with poisoned_empty():
+            a, a_scale = _launch("quantize_scatter").quantize_scatter_fp8(x, f2s)
+        ref_a, ref_s = gathered_quantized(x, f2s)
+        assert torch.equal(u8(a), u8(ref_a)) and torch.equal(a_scale, ref_s)
+
+    def test_interp_quantize_scatter_clamps_bad_positions(seed):
+        x, f2s = tokens_and_f2s(6, 40, 3)
+        flat = f2s.view(-1)
+        first, last = int((flat == 0).nonzero()), int((flat == flat.numel() - 1).nonzero())
+        bad = f2s.clone()
+        bad.view(-1)[first], bad.view(-1)[last] = -7, 10**6  # clamped onto rows 0 and R - 1
+        with poisoned_empty():
+            a, a_scale = _launch("quantize_scatter").quantize_scatter_fp8(x, bad)
+        ref_a, ref_s = gathered_quantized(x, f2s)
+        assert torch.equal(u8(a), u8(ref_a)) and torch.equal(a_scale, ref_s)
+
     @pytest.mark.parametrize("R,I,block_i", [(0, 64, None), (1, 64, None), (13, 36, None), (7, 100, 32),
                                              (5, 0, None), (6, 1536, None), (3, 3000, 1024)])
     def test_interp_silu_mul_quantize_fp8(R, I, block_i, seed):
@@ -416,6 +495,9 @@ SM90_BUILDS = {
     "gather-words": ("moe_gather", "gather_rows_kernel", *_sig(
         dict(BLOCK_R=16, BLOCK_K=256), xq_ptr="*i32", xs_ptr="*fp32", rows_ptr="*i32", a_ptr="*i32",
         as_ptr="*fp32", R="i32", T="i32", K="i32", top_k="i32")),
+    "quantize-scatter-top8": ("quantize_scatter", "quantize_scatter_fp8_kernel", *_sig(
+        dict(TOP_K=8, MIN_SCALE=formats.FP8_MIN_SCALE, BLOCK_K=2048, HW=True),
+        x_ptr="*bf16", f2s_ptr="*i32", a_ptr="*u8", a_scale_ptr="*fp32", K="i32", R="i32")),
     "silu-one-tile": ("silu_mul_quant", "silu_mul_quant_kernel", *_sig(
         dict(MIN_SCALE=formats.FP8_MIN_SCALE, BLOCK_I=2048, ONE_TILE=True, HW=True),
         x_ptr="*bf16", q_ptr="*u8", scale_ptr="*fp32", I="i32")),
@@ -509,6 +591,17 @@ def test_cuda_gather_rows_fp8_exact(T, K, k, seed):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("T", BOUNDARY_T)
+@pytest.mark.parametrize("K,k", [(5120, 8), (1536, 6), (72, 2)])
+def test_cuda_quantize_scatter_fp8_exact(T, K, k, seed):
+    x, f2s = tokens_and_f2s(T, K, k)
+    with poisoned_empty():
+        a, a_scale = ops.quantize_scatter_fp8(x.cuda(), f2s.cuda())
+    ref_a, ref_s = ops.quantize_scatter_fp8(x, f2s)
+    assert torch.equal(u8(a).cpu(), u8(ref_a)) and torch.equal(a_scale.cpu(), ref_s)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("R", BOUNDARY_T)
 @pytest.mark.parametrize("I", [1536, 192, 5000])
 def test_cuda_silu_mul_quantize_fp8(R, I, seed):
@@ -533,13 +626,15 @@ def test_cuda_combine_exact(T, k, H, seed):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("op_case", ["select", "sort", "gather", "silu", "combine"])
+@pytest.mark.parametrize("op_case", ["select", "sort", "scatter", "gather", "silu", "combine"])
 def test_cuda_opcheck(op_case, seed):
     d = "cuda"
     if op_case == "select":
         opcheck(ops.select_experts, routing_args(33, ROUTINGS[3], device=d))
     elif op_case == "sort":
         opcheck(ops.sort_by_expert, (random_ids(513, 8, 160, device=d), 160))
+    elif op_case == "scatter":
+        opcheck(ops.quantize_scatter_fp8, tokens_and_f2s(33, 256, 8, device=d))
     elif op_case == "gather":
         xq, xs = quantized_tokens(33, 256, device=d)
         opcheck(ops.gather_rows_fp8, (xq, xs, torch.randperm(33 * 8, device=d).to(torch.int32), 8))
@@ -553,11 +648,12 @@ def test_cuda_opcheck(op_case, seed):
 
 @pytest.mark.cuda
 def test_cuda_plumbing_capturable():
-    """Route, sort, gather, act-quant and combine captured in one CUDA graph, replayed on new data."""
+    """Route, sort, gather, quantize + scatter, act-quant and combine captured in one CUDA graph, replayed on new data."""
     T, E, k, H, I = 513, 60, 6, 256, 192
     logits = torch.randn(T, E, device="cuda")
     bias = torch.randn(E, device="cuda") * 0.1
     xq, xs = quantized_tokens(T, H, device="cuda")
+    x = (torch.randn(T, H, device="cuda") * 2).to(torch.bfloat16)
     h = (torch.randn(T * k, 2 * I, device="cuda") * 3).to(torch.bfloat16)
     y = torch.randn(T * k, H, device="cuda").to(torch.bfloat16)
 
@@ -565,8 +661,9 @@ def test_cuda_plumbing_capturable():
         w, ids = ops.select_experts(logits, bias, k, "sigmoid", True, 4, 2, 2.5)
         rows, f2s, off = ops.sort_by_expert(ids, E)
         a, a_s = ops.gather_rows_fp8(xq, xs, rows, k)
+        b, b_s = ops.quantize_scatter_fp8(x, f2s)
         q, s = ops.silu_mul_quantize_fp8(h)
-        return w, ids, rows, f2s, off, a, a_s, q, s, ops.combine(y, f2s, w)
+        return w, ids, rows, f2s, off, a, a_s, b, b_s, q, s, ops.combine(y, f2s, w)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -578,6 +675,7 @@ def test_cuda_plumbing_capturable():
         outs = run()
     for _ in range(2):
         logits.copy_(torch.randn(T, E))
+        x.copy_(torch.randn(T, H) * 2)
         y.copy_(torch.randn(T * k, H).to(torch.bfloat16))
         graph.replay()
         torch.cuda.synchronize()
@@ -605,6 +703,7 @@ def _grad_cases():
         "quantize_fp8_per_token": (ops.quantize_fp8_per_token, ((torch.randn(5, 64)).to(torch.bfloat16),), 0),
         "silu_mul_quantize_fp8": (ops.silu_mul_quantize_fp8, ((torch.randn(5, 64)).to(torch.bfloat16),), 0),
         "gather_rows_fp8": (ops.gather_rows_fp8, (xq, xs, torch.randperm(10).to(torch.int32), 2), 1),
+        "quantize_scatter_fp8": (ops.quantize_scatter_fp8, tokens_and_f2s(5, 64, 2), 0),
         "combine": (ops.combine, (y, torch.randperm(10).to(torch.int32).view(5, 2), torch.rand(5, 2)), 2),
         "convert_bf16_scales_to_fp8": (ops.convert_bf16_scales_to_fp8,
                                        ((torch.rand(3, 4, 2) * 0.02).to(torch.bfloat16),), 0),

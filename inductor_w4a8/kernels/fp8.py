@@ -78,6 +78,19 @@ def fp8_row_scale(amax, nan_count, MIN_SCALE: tl.constexpr):
 
 
 @triton.jit
+def bf16_row_fp8_scale(x_ptr, base, K, MIN_SCALE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp8_row_scale of the K values at x_ptr + base (one pass in BLOCK_K chunks)."""
+    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+    n_nan = tl.zeros([BLOCK_K], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        v = tl.load(x_ptr + base + cols, mask=cols < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(v))
+        n_nan += (v != v).to(tl.int32)
+    return fp8_row_scale(tl.max(amax, axis=0), tl.sum(n_nan, axis=0), MIN_SCALE)
+
+
+@triton.jit
 def quantize_e4m3_bits(v, scale, HW: tl.constexpr):
     """formats.quantize_fp8_rows as bits: e4m3(clamp(v / scale, -448, 448)), IEEE division."""
     return fp32_to_e4m3_bits(clamp_fp8_range(tl.math.div_rn(v, scale)), HW)

@@ -7,7 +7,7 @@ passes over K in BLOCK_K chunks (amax, then quantize); row offsets in int64.
 import triton
 import triton.language as tl
 
-from .fp8 import fp8_row_scale, quantize_e4m3_bits
+from .fp8 import bf16_row_fp8_scale, quantize_e4m3_bits
 
 
 @triton.jit
@@ -15,14 +15,7 @@ def quantize_fp8_per_token_kernel(x_ptr, q_ptr, scale_ptr, K, MIN_SCALE: tl.cons
                                   BLOCK_K: tl.constexpr, HW: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * K
-    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
-    n_nan = tl.zeros([BLOCK_K], dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        v = tl.load(x_ptr + base + cols, mask=cols < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(v))
-        n_nan += (v != v).to(tl.int32)
-    scale = fp8_row_scale(tl.max(amax, axis=0), tl.sum(n_nan, axis=0), MIN_SCALE)
+    scale = bf16_row_fp8_scale(x_ptr, base, K, MIN_SCALE, BLOCK_K)
     tl.store(scale_ptr + row, scale)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)

@@ -10,6 +10,12 @@ from ._common import device_guard, fast_launch, next_pow2, use_hw_fp8
 MAX_BLOCK_K = 2048
 
 
+def fp8_row_tile(K: int) -> tuple[int, int]:
+    """(BLOCK_K, num_warps) of the kernels that quantize one K-long row per program."""
+    block_k = min(max(next_pow2(K), 128), MAX_BLOCK_K)
+    return block_k, 4 if block_k <= 1024 else 8
+
+
 def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """bf16 [T, K] contiguous -> (fp8 [T, K], fp32 [T, 1]) on the current stream; no host sync,
     grid = T (capturable)."""
@@ -21,10 +27,10 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     scale = torch.empty((T, 1), dtype=torch.float32, device=x.device)
     if T == 0:
         return q, scale
-    block_k = min(max(next_pow2(K), 128), MAX_BLOCK_K)
+    block_k, warps = fp8_row_tile(K)
     with device_guard(x):
         fast_launch(
             quantize_fp8_per_token_kernel, (T,),
             x, q.view(torch.uint8), scale, K, MIN_SCALE=formats.FP8_MIN_SCALE, BLOCK_K=block_k,
-            HW=use_hw_fp8(x), num_warps=4 if block_k <= 1024 else 8)
+            HW=use_hw_fp8(x), num_warps=warps)
     return q, scale
