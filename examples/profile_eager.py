@@ -81,7 +81,7 @@ def stub_math(monkeypatch_list):
 
 def per_op_rows(layer, x, logits, device, reps):
     """Host us per op: through the dispatcher, direct checked, direct unchecked."""
-    rec_names = ("select_experts", "sort_by_expert", "quantize_scatter_fp8", "grouped_gemm",
+    rec_names = ("select_and_sort_experts", "quantize_scatter_fp8", "grouped_gemm",
                  "silu_mul_quantize_fp8", "combine")
     calls = []
 

@@ -59,11 +59,11 @@ def host_and_wall_us(fn, calls=20, rounds=7) -> tuple[float, float]:
 def gemms_fn(layer, x, logits):
     """A function running only the block's two grouped GEMMs, on the block's own inputs."""
     from .testing import recorded_op_outputs
-    with recorded_op_outputs("quantize_scatter_fp8", "silu_mul_quantize_fp8", "sort_by_expert") as rec:
+    with recorded_op_outputs("quantize_scatter_fp8", "silu_mul_quantize_fp8", "select_and_sort_experts") as rec:
         layer(x, logits)
     (a, a_scale), = rec["quantize_scatter_fp8"]
     (hq, h_scale), = rec["silu_mul_quantize_fp8"]
-    (_, _, offsets), = rec["sort_by_expert"]
+    (*_, offsets), = rec["select_and_sort_experts"]
     G, gemm = layer.group_size, torch.ops.w4a8.grouped_gemm
 
     def both():

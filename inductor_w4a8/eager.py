@@ -32,8 +32,8 @@ _DEFAULT = os.environ.get(DIRECT_ENV, "1").strip().lower() not in ("0", "false",
 _state = threading.local()
 CHECKED_ATTR = "_w4a8_direct_checked"  # per module: the keys whose checks passed once
 
-OP_NAMES = ("select_experts", "sort_by_expert", "quantize_scatter_fp8", "grouped_gemm",
-            "silu_mul_quantize_fp8", "combine")
+OP_NAMES = ("select_and_sort_experts", "quantize_scatter_fp8", "grouped_gemm", "silu_mul_quantize_fp8",
+            "combine")
 
 
 @contextlib.contextmanager
@@ -54,13 +54,12 @@ def _checked_kernels(device_type: str) -> SimpleNamespace:
 def _unchecked_kernels(device_type: str) -> SimpleNamespace:
     if device_type == "cpu":
         return SimpleNamespace(
-            select_experts=reference.select_experts, sort_by_expert=reference.sort_by_expert,
+            select_and_sort_experts=ops.select_and_sort_cpu_math,
             quantize_scatter_fp8=reference.quantize_scatter_fp8, grouped_gemm=ops.grouped_gemm_cpu_math,
             silu_mul_quantize_fp8=reference.silu_mul_quantize_fp8, combine=ops.combine_cpu_math)
-    from .launch import (grouped_gemm, moe_combine, moe_sort, quantize_scatter, routing,
-                         silu_mul_quant)
+    from .launch import grouped_gemm, moe_combine, quantize_scatter, routing, silu_mul_quant
     return SimpleNamespace(
-        select_experts=routing.select_experts, sort_by_expert=moe_sort.sort_by_expert,
+        select_and_sort_experts=routing.select_and_sort_experts,
         quantize_scatter_fp8=quantize_scatter.quantize_scatter_fp8, grouped_gemm=grouped_gemm.grouped_gemm,
         silu_mul_quantize_fp8=silu_mul_quant.silu_mul_quantize_fp8, combine=moe_combine.combine)
 

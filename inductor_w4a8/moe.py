@@ -7,11 +7,12 @@ GEMM, scale conversion) -> `forward(hidden_states, router_logits)`.
 forward is a straight line of `torch.ops.w4a8` ops, so torch.compile(fullgraph=True) sees only
 our ops and the block is CUDA-graph capturable (no host sync, no value-dependent shape):
 
-    select_experts -> sort_by_expert -> quantize_scatter_fp8 -> grouped_gemm(w13)
+    select_and_sort_experts -> quantize_scatter_fp8 -> grouped_gemm(w13)
     -> silu_mul_quantize_fp8 -> grouped_gemm(w2) -> combine
 
-(router -> dispatch: each token quantized once and written to its top_k expert-sorted rows ->
-experts: two grouped GEMMs around the activation -> combine: the weighted sum of a token's rows).
+(router: top-k experts per token and the (token, slot) pairs sorted by expert -> dispatch: each
+token quantized once and written to its top_k expert-sorted rows -> experts: two grouped GEMMs
+around the activation -> combine: the weighted sum of a token's rows).
 
 It runs on CPU (the ops' CPU kernels), CUDA (Triton) and meta tensors (the fake kernels).
 """
@@ -165,10 +166,9 @@ class W4A8MoE(nn.Module):
     def _run(self, ops, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """The block as a straight line of `ops` (torch.ops.w4a8, or the same kernels direct)."""
         G = self.group_size
-        topk_weights, topk_ids = ops.select_experts(
+        topk_weights, _, _, flat_to_sorted, offsets = ops.select_and_sort_experts(
             router_logits, self.e_score_correction_bias, self.top_k, self.scoring,
             self.renormalize, self.n_group or 0, self.topk_group or 0, self.routed_scaling_factor)
-        sorted_rows, flat_to_sorted, offsets = ops.sort_by_expert(topk_ids, self.num_experts)
         a, a_scale = ops.quantize_scatter_fp8(hidden_states.contiguous(), flat_to_sorted)
         h = ops.grouped_gemm(a, a_scale, self.w13_weight, self.w13_group_scale, self.w13_chan_scale,
                              offsets, G)

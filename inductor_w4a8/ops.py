@@ -304,8 +304,8 @@ def _grouped_gemm_cuda(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, gro
 # ============================================================================================
 # MoE plumbing: routing, sort by expert, gather, combine
 # ============================================================================================
-def _check_select_experts(router_logits, correction_bias, top_k, scoring, n_group, topk_group):
-    op = "select_experts"
+def _check_select_experts(router_logits, correction_bias, top_k, scoring, n_group, topk_group,
+                          op="select_experts"):
     check_dtype(op, "router_logits", router_logits, torch.bfloat16, torch.float16, torch.float32)
     check_rank(op, "router_logits", router_logits, 2, "[T, E] router logits")
     E = router_logits.shape[1]
@@ -357,6 +357,59 @@ def _select_experts_cuda(router_logits, correction_bias, top_k, scoring, renorma
     _check_select_experts(router_logits, correction_bias, top_k, scoring, n_group, topk_group)
     return _launcher("routing").select_experts(router_logits, correction_bias, top_k, scoring,
                                                renormalize, n_group, topk_group, routed_scaling_factor)
+
+
+@torch.library.custom_op("w4a8::select_and_sort_experts", mutates_args=())
+def select_and_sort_experts(router_logits: Tensor, correction_bias: Tensor | None, top_k: int,
+                            scoring: str, renormalize: bool, n_group: int, topk_group: int,
+                            routed_scaling_factor: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """select_experts then sort_by_expert over E = router_logits.shape[1] experts, in one op:
+    (weights, ids, sorted_rows, flat_to_sorted, expert_offsets). On CUDA a single token (decode)
+    is routed and sorted by one kernel."""
+    raise NotImplementedError(f"w4a8::select_and_sort_experts has no kernel for {router_logits.device}")
+
+
+def _check_select_and_sort(router_logits, correction_bias, top_k, scoring, n_group, topk_group):
+    _check_select_experts(router_logits, correction_bias, top_k, scoring, n_group, topk_group,
+                          op="select_and_sort_experts")
+    if router_logits.shape[0] * top_k >= 2**31:
+        fail("select_and_sort_experts", f"T * top_k = {router_logits.shape[0] * top_k} pairs do not "
+             f"fit int32 sorted positions; split the batch")
+
+
+@select_and_sort_experts.register_fake
+def _(router_logits, correction_bias, top_k, scoring, renormalize, n_group, topk_group, routed_scaling_factor):
+    _check_select_and_sort(router_logits, correction_bias, top_k, scoring, n_group, topk_group)
+    T, E = router_logits.shape
+    i32 = dict(dtype=torch.int32)
+    return (router_logits.new_empty((T, top_k), dtype=torch.float32), router_logits.new_empty((T, top_k), **i32),
+            router_logits.new_empty((T * top_k,), **i32), router_logits.new_empty((T, top_k), **i32),
+            router_logits.new_empty((E + 1,), dtype=torch.int64))
+
+
+@select_and_sort_experts.register_kernel("cpu")
+def _select_and_sort_experts_cpu(router_logits, correction_bias, top_k, scoring, renormalize, n_group,
+                                 topk_group, routed_scaling_factor):
+    _check_select_and_sort(router_logits, correction_bias, top_k, scoring, n_group, topk_group)
+    return select_and_sort_cpu_math(router_logits, correction_bias, top_k, scoring, renormalize, n_group,
+                                    topk_group, routed_scaling_factor)
+
+
+def select_and_sort_cpu_math(router_logits, correction_bias, top_k, scoring, renormalize, n_group,
+                             topk_group, routed_scaling_factor):
+    """The CPU kernel of w4a8::select_and_sort_experts without its checks."""
+    weights, ids = reference.select_experts(router_logits, correction_bias, top_k, scoring, renormalize,
+                                            n_group, topk_group, routed_scaling_factor)
+    return (weights, ids, *reference.sort_by_expert(ids, router_logits.shape[1]))
+
+
+@select_and_sort_experts.register_kernel("cuda")
+def _select_and_sort_experts_cuda(router_logits, correction_bias, top_k, scoring, renormalize, n_group,
+                                  topk_group, routed_scaling_factor):
+    _check_select_and_sort(router_logits, correction_bias, top_k, scoring, n_group, topk_group)
+    return _launcher("routing").select_and_sort_experts(router_logits, correction_bias, top_k, scoring,
+                                                        renormalize, n_group, topk_group,
+                                                        routed_scaling_factor)
 
 
 def _check_sort(topk_ids: Tensor, num_experts: int) -> None:
@@ -610,6 +663,6 @@ def _(x, w, w_scale, w_chan_scale, group_size):
 
 # every op with a floating input (the others cannot be handed a tensor that requires grad)
 for _name in ("convert_bf16_scales_to_fp8", "quantize_fp8_per_token", "silu_mul_quantize_fp8",
-              "grouped_gemm", "select_experts", "gather_rows_fp8", "quantize_scatter_fp8", "combine",
-              "linear"):
+              "grouped_gemm", "select_experts", "select_and_sort_experts", "gather_rows_fp8",
+              "quantize_scatter_fp8", "combine", "linear"):
     _inference_only(globals()[_name], _name)

@@ -10,8 +10,9 @@ other backends keep the ops.
 
 Not decomposed by default: `sort_by_expert` (a counting sort our kernel does in one pass; the
 aten decomposition is an argsort) and `gather_rows_fp8` (its consumer is the GEMM, which cannot
-fuse a gather). `select_experts` is available (softmax/sigmoid + top-k; Inductor falls back to
-aten.topk for the top-k) but off by default: our routing kernel does it in one launch.
+fuse a gather). `select_experts` and `select_and_sort_experts` (the same routing, then our sort) are available
+(softmax/sigmoid + top-k; Inductor falls back to aten.topk for the top-k) but off by default: our
+routing kernel does it in one launch, and for one token sorts in the same launch.
 """
 from __future__ import annotations
 
@@ -38,6 +39,14 @@ def _select_experts(router_logits, correction_bias, top_k, scoring, renormalize,
                                     n_group, topk_group, routed_scaling_factor)
 
 
+def _select_and_sort_experts(router_logits, correction_bias, top_k, scoring, renormalize, n_group,
+                             topk_group, routed_scaling_factor):
+    # the routing decomposed, the sort kept as our op (its aten form is an argsort)
+    weights, ids = _select_experts(router_logits, correction_bias, top_k, scoring, renormalize,
+                                   n_group, topk_group, routed_scaling_factor)
+    return (weights, ids, *torch.ops.w4a8.sort_by_expert(ids, router_logits.shape[1]))
+
+
 def _gather_rows_fp8(xq, x_scale, sorted_rows, top_k):
     return reference.gather_rows_fp8(xq, x_scale, sorted_rows, top_k)
 
@@ -52,6 +61,7 @@ DECOMPOSITIONS = {
     "silu_mul_quantize_fp8": _silu_mul_quantize_fp8,
     "combine": _combine,
     "select_experts": _select_experts,
+    "select_and_sort_experts": _select_and_sort_experts,
     "gather_rows_fp8": _gather_rows_fp8,
     "quantize_scatter_fp8": _quantize_scatter_fp8,
 }

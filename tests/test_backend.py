@@ -70,7 +70,7 @@ def test_split_options():
     assert backend.split_options(None)[0] == Settings()
     assert set(backend.split_options({"w4a8.fuse": "all"})[0].fuse) == {
         "quantize_fp8_per_token", "silu_mul_quantize_fp8", "combine", "select_experts", "gather_rows_fp8",
-        "quantize_scatter_fp8"}
+        "quantize_scatter_fp8", "select_and_sort_experts"}
 
 
 @pytest.mark.parametrize("options, match", [
@@ -197,8 +197,7 @@ class TestPinnedGraphs(expecttest.TestCase):
     def test_dynamo_graph_op_sequence(self):
         recorder, _ = self._compile()
         self.assertExpectedInline("\n".join(recorder.w4a8_ops()), """\
-w4a8.select_experts
-w4a8.sort_by_expert
+w4a8.select_and_sort_experts
 w4a8.quantize_scatter_fp8
 w4a8.grouped_gemm
 w4a8.silu_mul_quantize_fp8
@@ -210,13 +209,13 @@ w4a8.combine""")
         on CPU the GEMM is an extern call too (the traced kernel is for CUDA)."""
         _, code = self._compile()
         self.assertExpectedInline(" ".join(extern_w4a8_calls(code)), """\
-combine grouped_gemm quantize_scatter_fp8 select_experts silu_mul_quantize_fp8 sort_by_expert""")
+combine grouped_gemm quantize_scatter_fp8 select_and_sort_experts silu_mul_quantize_fp8""")
         self.assertEqual(code.count("torch.ops.w4a8.grouped_gemm.default("), 2)
 
     def test_generated_code_fuse_none(self):
         _, code = self._compile({"w4a8.fuse": "none"})
         self.assertExpectedInline(" ".join(extern_w4a8_calls(code)), """\
-combine grouped_gemm quantize_scatter_fp8 select_experts silu_mul_quantize_fp8 sort_by_expert""")
+combine grouped_gemm quantize_scatter_fp8 select_and_sort_experts silu_mul_quantize_fp8""")
 
     def test_generated_code_fuse_all(self):
         _, code = self._compile({"w4a8.fuse": "all"})

@@ -49,8 +49,8 @@ def _dispatched(moe, *args):
     return out, seen
 
 
-# route, sort, quantize + scatter, GEMM, act + quantize, GEMM, combine
-OPS_PER_BLOCK = 7
+# route + sort, quantize + scatter, GEMM, act + quantize, GEMM, combine
+OPS_PER_BLOCK = 6
 
 
 def test_direct_path_matches_the_ops_bit_for_bit_and_skips_the_dispatcher(seed):
@@ -98,7 +98,7 @@ def test_fake_and_meta_inputs_take_the_ops(seed):
 
 def _spy_checks(monkeypatch):
     calls = []
-    for name in ("_check_select_experts", "_check_sort", "_check_quantize_scatter",
+    for name in ("_check_select_and_sort", "_check_quantize_scatter",
                  "_check_grouped_gemm", "_check_silu_mul", "_check_combine"):
         original = getattr(ops, name)
         monkeypatch.setattr(ops, name, lambda *a, _n=name, _f=original, **k: calls.append(_n) or _f(*a, **k))

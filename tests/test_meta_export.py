@@ -75,8 +75,7 @@ w2_group_scale: bfloat16 [160, 5120, 12] meta""")
         ep = export(moe, meta_inputs(64, moe),
                     dynamic_shapes={"hidden_states": {0: T}, "router_logits": {0: T}})
         self.assertExpectedInline("\n".join(w4a8_calls(ep.graph_module)), """\
-w4a8.select_experts.default
-w4a8.sort_by_expert.default
+w4a8.select_and_sort_experts.default
 w4a8.quantize_scatter_fp8.default
 w4a8.grouped_gemm.default
 w4a8.silu_mul_quantize_fp8.default

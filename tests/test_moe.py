@@ -297,7 +297,7 @@ def test_compile_fullgraph_sees_only_w4a8_ops(seed):
     assert names, "nothing traced"
     import operator
     assert all(str(t).startswith("w4a8.") or t is operator.getitem for t in targets), names
-    for op in ("select_experts", "sort_by_expert", "quantize_scatter_fp8", "grouped_gemm",
+    for op in ("select_and_sort_experts", "quantize_scatter_fp8", "grouped_gemm",
                "silu_mul_quantize_fp8", "combine"):
         assert any(op in n for n in names), op
 

@@ -1,5 +1,5 @@
-"""The MoE path ops: select_experts, sort_by_expert, quantize_scatter_fp8, gather_rows_fp8,
-silu_mul_quantize_fp8, combine.
+"""The MoE path ops: select_experts, sort_by_expert, select_and_sort_experts, quantize_scatter_fp8,
+gather_rows_fp8, silu_mul_quantize_fp8, combine.
 
 - CPU: opcheck of every op, the CPU kernels vs reference / a direct computation, bad inputs
   refused before anything runs, T = 0, E = 7 and E = 60, empty experts.
@@ -81,6 +81,15 @@ def gathered_quantized(x, f2s):
     return reference.gather_rows_fp8(xq, xs, sorted_rows, k)
 
 
+def assert_routed_and_sorted(outs, args):
+    """outs of select_and_sort_experts: a valid routing of args, and its ids sorted exactly as
+    sort_by_expert sorts them."""
+    weights, ids, *sort = outs
+    assert_valid_routing(weights, ids, *[a.cpu() if isinstance(a, torch.Tensor) else a for a in args])
+    for got, want in zip(sort, reference.sort_by_expert(ids.cpu(), args[0].shape[1])):
+        assert got.dtype == want.dtype and torch.equal(got.cpu(), want)
+
+
 def sort_inputs(T, k, E):
     ids = random_ids(T, k, E, empty=(1, E - 2) if E > 4 else ())
     return ids
@@ -93,6 +102,12 @@ def sort_inputs(T, k, E):
 @pytest.mark.parametrize("T", [0, 5])
 def test_opcheck_select_experts(routing, T, seed):
     opcheck(ops.select_experts, routing_args(T, routing))
+
+
+@pytest.mark.parametrize("routing", ROUTINGS[:4], ids=ROUTING_IDS[:4])
+@pytest.mark.parametrize("T", [0, 1, 5])
+def test_opcheck_select_and_sort_experts(routing, T, seed):
+    opcheck(ops.select_and_sort_experts, routing_args(T, routing))
 
 
 @pytest.mark.parametrize("T,k,E", [(0, 2, 7), (1, 8, 60), (9, 3, 7), (33, 2, 60)])
@@ -133,6 +148,17 @@ def test_cpu_select_experts(routing, dtype, seed):
     assert_valid_routing(w, ids, *args)
     ref_w, ref_ids = reference.select_experts(*args)
     assert torch.equal(ids, ref_ids) and torch.equal(w, ref_w)
+
+
+@pytest.mark.parametrize("routing", ROUTINGS, ids=ROUTING_IDS)
+@pytest.mark.parametrize("T", [0, 1, 64])
+def test_cpu_select_and_sort_experts_is_select_then_sort(routing, T, seed):
+    args = routing_args(T, routing)
+    weights, ids, *sort = ops.select_and_sort_experts(*args)
+    ref_w, ref_ids = ops.select_experts(*args)
+    assert torch.equal(weights, ref_w) and torch.equal(ids, ref_ids)
+    for got, want in zip(sort, ops.sort_by_expert(ref_ids, routing[0])):
+        assert torch.equal(got, want)
 
 
 def test_select_experts_bias_steers_choice_not_weights():
@@ -222,6 +248,10 @@ def test_meta_shapes():
     w, ids = ops.select_experts(torch.empty(5, 60, device=m), torch.empty(60, device=m), 6, "sigmoid",
                                 True, 4, 2, 1.0)
     assert w.shape == (5, 6) and ids.shape == (5, 6) and ids.dtype == torch.int32
+    outs = ops.select_and_sort_experts(torch.empty(5, 60, device=m), torch.empty(60, device=m), 6,
+                                       "sigmoid", True, 4, 2, 1.0)
+    assert [tuple(o.shape) for o in outs] == [(5, 6), (5, 6), (30,), (5, 6), (61,)]
+    assert [o.dtype for o in outs] == [torch.float32, torch.int32, torch.int32, torch.int32, torch.int64]
     rows, f2s, off = ops.sort_by_expert(torch.empty(5, 6, dtype=torch.int32, device=m), 60)
     assert rows.shape == (30,) and f2s.shape == (5, 6) and off.shape == (61,) and off.dtype == torch.int64
     a, s = ops.gather_rows_fp8(torch.empty(5, 64, dtype=FP8, device=m), torch.empty(5, 1, device=m),
@@ -261,6 +291,12 @@ BAD_CALLS = {
                            "topk_group"),
     "select: k beyond groups": (lambda: ops.select_experts(_logits(), None, 3, "sigmoid", True, 4, 1, 1.0),
                                 "exceeds"),
+    "route+sort: top_k > E": (lambda: ops.select_and_sort_experts(_logits(), None, 9, "softmax", True, 0, 0,
+                                                                  1.0), "select_and_sort_experts: top_k=9"),
+    "route+sort: n_group": (lambda: ops.select_and_sort_experts(_logits(), None, 2, "sigmoid", True, 3, 1,
+                                                                1.0), "select_and_sort_experts: E=8 is not a multiple"),
+    "route+sort: int logits": (lambda: ops.select_and_sort_experts(torch.zeros(4, 8, dtype=torch.int32), None,
+                                                                   2, "softmax", True, 0, 0, 1.0), "dtype"),
     "sort: int64 ids": (lambda: ops.sort_by_expert(torch.zeros(4, 2, dtype=torch.int64), 8), "dtype"),
     "sort: rank 1": (lambda: ops.sort_by_expert(torch.zeros(8, dtype=torch.int32), 8), "rank"),
     "sort: no experts": (lambda: ops.sort_by_expert(torch.zeros(4, 2, dtype=torch.int32), 0),
@@ -363,6 +399,27 @@ else:  # TRITON_INTERPRET=1: the launchers on CPU tensors
         ref_w, ref_ids = reference.select_experts(*args)
         assert torch.equal(ids, ref_ids)
         torch.testing.assert_close(w, ref_w, rtol=1e-6, atol=1e-7)
+
+    @pytest.mark.parametrize("routing", ROUTINGS, ids=ROUTING_IDS)
+    @pytest.mark.parametrize("T", [0, 1, 19])
+    def test_interp_select_and_sort_experts(routing, T, seed):
+        """T = 1: routing and sort in one program (sort_one_token); else the two kernels."""
+        args = routing_args(T, routing)
+        with poisoned_empty():
+            outs = _launch("routing").select_and_sort_experts(*args)
+        assert_routed_and_sorted(outs, args)
+
+    def test_interp_sort_one_token_with_repeated_ids():
+        # NaN logits: every round finds no maximum, so ids repeat (clamped to E - 1); the one-token
+        # sort must still be the stable sort of whatever ids the routing wrote
+        for E, k in ((7, 3), (160, 8)):
+            logits = torch.full((1, E), float("nan"))
+            with poisoned_empty():
+                _, ids, *sort = _launch("routing").select_and_sort_experts(logits, None, k, "softmax",
+                                                                           True, 0, 0, 1.0)
+            assert bool(((ids >= 0) & (ids < E)).all())
+            for got, want in zip(sort, reference.sort_by_expert(ids, E)):
+                assert torch.equal(got, want)
 
     def test_interp_select_experts_bf16_strided_logits(seed):
         routing = ROUTINGS[2]
@@ -471,17 +528,20 @@ def _sig(consts, **args):
 
 
 _ROUTING_ARGS = dict(logits_ptr="*fp32", bias_ptr="*fp32", weights_ptr="*fp32", ids_ptr="*i32",
-                     stride_t="i32", E="i32", n_group="i32", group_len="i32", topk_group="i32",
+                     sorted_rows_ptr="*i32", flat_to_sorted_ptr="*i32", offsets_ptr="*i64", stride_t="i32", E="i32", n_group="i32", group_len="i32", topk_group="i32",
                      scaling="fp32")
 _SORT_ARGS = dict(ids_ptr="*i32", prefix_ptr="*i32", totals_ptr="*i32", sorted_rows_ptr="*i32",
                   flat_to_sorted_ptr="*i32", offsets_ptr="*i64", N="i32", E="i32", CHUNK="i32")
 SM90_BUILDS = {
     "routing-grouped-sigmoid": ("routing", "routing_kernel", *_sig(
         dict(TOP_K=8, BLOCK_G=8, BLOCK_GL=32, BLOCK_K=8, SOFTMAX=False, HAS_BIAS=True, GROUPED=True,
-             RENORMALIZE=True), **_ROUTING_ARGS)),
+             RENORMALIZE=True, SORT_ONE_TOKEN=False, BLOCK_E1=1), **_ROUTING_ARGS)),
+    "routing-and-sort-one-token": ("routing", "routing_kernel", *_sig(
+        dict(TOP_K=8, BLOCK_G=8, BLOCK_GL=32, BLOCK_K=8, SOFTMAX=False, HAS_BIAS=True, GROUPED=True,
+             RENORMALIZE=True, SORT_ONE_TOKEN=True, BLOCK_E1=256), **_ROUTING_ARGS)),
     "routing-softmax-bf16": ("routing", "routing_kernel", *_sig(
         dict(TOP_K=2, BLOCK_G=1, BLOCK_GL=8, BLOCK_K=2, SOFTMAX=True, HAS_BIAS=False, GROUPED=False,
-             RENORMALIZE=False), **{**_ROUTING_ARGS, "logits_ptr": "*bf16"})),
+             RENORMALIZE=False, SORT_ONE_TOKEN=False, BLOCK_E1=1), **{**_ROUTING_ARGS, "logits_ptr": "*bf16"})),
     "sort-count": ("moe_sort", "count_kernel", *_sig(
         dict(BLOCK_CHUNK=64, BLOCK_E=256), ids_ptr="*i32", counts_ptr="*i32", N="i32", E="i32",
         CHUNK="i32")),
@@ -558,6 +618,16 @@ def test_cuda_select_experts(T, routing, dtype, seed):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("T", (1, 2, 513, 8192))
+@pytest.mark.parametrize("routing", ROUTINGS, ids=ROUTING_IDS)
+def test_cuda_select_and_sort_experts(T, routing, seed):
+    args = routing_args(T, routing, device="cuda")
+    with poisoned_empty():
+        outs = ops.select_and_sort_experts(*args)
+    assert_routed_and_sorted(outs, args)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("T", BOUNDARY_T + (0,))
 @pytest.mark.parametrize("k,E", [(8, 160), (6, 60), (2, 7), (1, 1)])
 def test_cuda_sort_by_expert_exact(T, k, E, seed):
@@ -626,11 +696,14 @@ def test_cuda_combine_exact(T, k, H, seed):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("op_case", ["select", "sort", "scatter", "gather", "silu", "combine"])
+@pytest.mark.parametrize("op_case", ["select", "select+sort", "sort", "scatter", "gather", "silu", "combine"])
 def test_cuda_opcheck(op_case, seed):
     d = "cuda"
     if op_case == "select":
         opcheck(ops.select_experts, routing_args(33, ROUTINGS[3], device=d))
+    elif op_case == "select+sort":
+        for T in (1, 33):
+            opcheck(ops.select_and_sort_experts, routing_args(T, ROUTINGS[3], device=d))
     elif op_case == "sort":
         opcheck(ops.sort_by_expert, (random_ids(513, 8, 160, device=d), 160))
     elif op_case == "scatter":
@@ -662,8 +735,9 @@ def test_cuda_plumbing_capturable():
         rows, f2s, off = ops.sort_by_expert(ids, E)
         a, a_s = ops.gather_rows_fp8(xq, xs, rows, k)
         b, b_s = ops.quantize_scatter_fp8(x, f2s)
+        one = ops.select_and_sort_experts(logits[:1], bias, k, "sigmoid", True, 4, 2, 2.5)
         q, s = ops.silu_mul_quantize_fp8(h)
-        return w, ids, rows, f2s, off, a, a_s, b, b_s, q, s, ops.combine(y, f2s, w)
+        return w, ids, rows, f2s, off, a, a_s, b, b_s, *one, q, s, ops.combine(y, f2s, w)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -700,6 +774,7 @@ def _grad_cases():
     return {
         "grouped_gemm": (ops.grouped_gemm, (a, a_scale, w, w_scale, None, offsets, 32), 1),
         "select_experts": (ops.select_experts, (logits, *rest), 0),
+        "select_and_sort_experts": (ops.select_and_sort_experts, (logits, *rest), 0),
         "quantize_fp8_per_token": (ops.quantize_fp8_per_token, ((torch.randn(5, 64)).to(torch.bfloat16),), 0),
         "silu_mul_quantize_fp8": (ops.silu_mul_quantize_fp8, ((torch.randn(5, 64)).to(torch.bfloat16),), 0),
         "gather_rows_fp8": (ops.gather_rows_fp8, (xq, xs, torch.randperm(10).to(torch.int32), 2), 1),

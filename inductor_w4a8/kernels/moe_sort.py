@@ -13,6 +13,8 @@ deterministic, with no atomics:
 - `place_kernel` (one program per chunk): expert_start = exclusive cumsum of totals, then the
   positions above; writes sorted_rows and flat_to_sorted, and program 0 writes expert_offsets.
   With FUSED (a single chunk: small N, decoding) it counts by itself and the sort is one launch.
+- `sort_one_token` (called by the routing kernel when T = 1): the same result from the token's
+  ids in registers, so that routing + sort are one launch in decode.
 
 Every program is one shot (no loop over the data except the scan's loop over chunk tiles), grids
 depend on N and E only, and ids are clamped into [0, E) before use, so no id value can address
@@ -84,3 +86,24 @@ def place_kernel(ids_ptr, prefix_ptr, totals_ptr, sorted_rows_ptr, flat_to_sorte
     pos = tl.sum(onehot * slot, axis=1)
     tl.store(sorted_rows_ptr + pos, idx, mask=valid)
     tl.store(flat_to_sorted_ptr + idx, pos, mask=valid)
+
+
+@triton.jit
+def sort_one_token(ids, sorted_rows_ptr, flat_to_sorted_ptr, offsets_ptr, E, TOP_K: tl.constexpr,
+                   BLOCK_K: tl.constexpr, BLOCK_E1: tl.constexpr):
+    """The sort of a single token's pairs, from its expert ids in registers (int32 [BLOCK_K], the
+    first TOP_K valid, each in [0, E)): what place_kernel writes for T = 1, with no memory
+    round trip, so that routing and sorting one token are one launch.
+
+    Pair j's sorted row is the number of pairs before it in (expert, j) order (stable);
+    expert_offsets[e] counts the pairs of experts below e, for e in [0, E].
+    """
+    j = tl.arange(0, BLOCK_K)
+    valid = j < TOP_K
+    before = (ids[:, None] < ids[None, :]) | ((ids[:, None] == ids[None, :]) & (j[:, None] < j[None, :]))
+    pos = tl.sum((before & valid[:, None]).to(tl.int32), axis=0)              # [BLOCK_K], by j
+    tl.store(flat_to_sorted_ptr + j, pos, mask=valid)
+    tl.store(sorted_rows_ptr + pos, j, mask=valid)
+    e = tl.arange(0, BLOCK_E1)
+    below = (ids[:, None] < e[None, :]) & valid[:, None]
+    tl.store(offsets_ptr + e, tl.sum(below.to(tl.int32), axis=0).to(tl.int64), mask=e <= E)

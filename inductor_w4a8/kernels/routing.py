@@ -10,16 +10,22 @@ grouped top-k is off), so every step is a masked reduction over that tile:
   recording the expert's score as its weight;
   weights /= max(sum(weights), tiny) when RENORMALIZE, then *= routed_scaling_factor.
 Ids are clamped into [0, E) even for NaN logits, so later kernels never see an id out of range.
+With SORT_ONE_TOKEN (T = 1) the program also writes sort_by_expert's outputs for that token
+(`moe_sort.sort_one_token`): routing and sorting in one launch.
 """
 import triton
 import triton.language as tl
 
+from .moe_sort import sort_one_token
+
 
 @triton.jit
-def routing_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, stride_t, E, n_group, group_len,
-                   topk_group, scaling, TOP_K: tl.constexpr, BLOCK_G: tl.constexpr,
-                   BLOCK_GL: tl.constexpr, BLOCK_K: tl.constexpr, SOFTMAX: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, RENORMALIZE: tl.constexpr):
+def routing_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, sorted_rows_ptr, flat_to_sorted_ptr,
+                   offsets_ptr, stride_t, E, n_group, group_len, topk_group, scaling,
+                   TOP_K: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_GL: tl.constexpr,
+                   BLOCK_K: tl.constexpr, SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   GROUPED: tl.constexpr, RENORMALIZE: tl.constexpr, SORT_ONE_TOKEN: tl.constexpr,
+                   BLOCK_E1: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, BLOCK_G)
     e = g[:, None] * group_len + tl.arange(0, BLOCK_GL)[None, :]
@@ -72,3 +78,6 @@ def routing_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, stride_t, E, n_gr
     top_w = top_w * scaling
     tl.store(weights_ptr + t * TOP_K + kk, top_w, mask=kk < TOP_K)
     tl.store(ids_ptr + t * TOP_K + kk, top_id, mask=kk < TOP_K)
+    if SORT_ONE_TOKEN:
+        sort_one_token(top_id, sorted_rows_ptr, flat_to_sorted_ptr, offsets_ptr, E, TOP_K, BLOCK_K,
+                       BLOCK_E1)
