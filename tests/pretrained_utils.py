@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 
 from inductor_w4a8 import formats
+from tiny_models import greedy, logits_metrics, tiny_moe_model  # noqa: F401  (re-exported)
+from tiny_models import prompts as _prompts
 import torch.nn.functional as F
 
 # every K a multiple of 128: llm-compressor's W4AFP8 preset quantizes in groups of 128
@@ -20,36 +22,24 @@ KINDS = ("qwen3_moe", "mixtral", "qwen2_moe", "deepseek_v3", "glm4_moe")
 ROUTER_IGNORE = ["lm_head", "re:.*mlp\\.gate$", "re:.*block_sparse_moe\\.gate$", "re:.*shared_expert_gate$"]
 
 
+SIZES = {
+    "qwen3_moe": dict(head_dim=32, moe_intermediate_size=128, intermediate_size=128, num_experts=4,
+                      num_experts_per_tok=2, norm_topk_prob=True),
+    "qwen2_moe": dict(moe_intermediate_size=128, intermediate_size=128, shared_expert_intermediate_size=128,
+                      num_experts=4, num_experts_per_tok=2, norm_topk_prob=False),
+    "mixtral": dict(intermediate_size=128, num_local_experts=4, num_experts_per_tok=2),
+    "deepseek_v3": dict(intermediate_size=128, moe_intermediate_size=128, n_routed_experts=4,
+                        num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
+                        n_shared_experts=1, kv_lora_rank=128, q_lora_rank=128, qk_rope_head_dim=16,
+                        qk_nope_head_dim=16, v_head_dim=32, routed_scaling_factor=2.5),
+    "glm4_moe": dict(head_dim=32, intermediate_size=128, moe_intermediate_size=128, n_routed_experts=4,
+                     num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
+                     n_shared_experts=1, routed_scaling_factor=2.5),
+}
+
+
 def tiny_model(kind: str, seed: int = 0):
-    import transformers
-    torch.manual_seed(seed)
-    if kind == "qwen3_moe":
-        cfg = transformers.Qwen3MoeConfig(**COMMON, head_dim=32, moe_intermediate_size=128, intermediate_size=128,
-                                          num_experts=4, num_experts_per_tok=2, norm_topk_prob=True)
-    elif kind == "qwen2_moe":
-        cfg = transformers.Qwen2MoeConfig(**COMMON, moe_intermediate_size=128, intermediate_size=128,
-                                          shared_expert_intermediate_size=128, num_experts=4,
-                                          num_experts_per_tok=2, norm_topk_prob=False)
-    elif kind == "mixtral":
-        cfg = transformers.MixtralConfig(**COMMON, intermediate_size=128, num_local_experts=4, num_experts_per_tok=2)
-    elif kind == "deepseek_v3":
-        cfg = transformers.DeepseekV3Config(**COMMON, intermediate_size=128, moe_intermediate_size=128,
-                                            n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1,
-                                            first_k_dense_replace=1, n_shared_experts=1, kv_lora_rank=128,
-                                            q_lora_rank=128, qk_rope_head_dim=16, qk_nope_head_dim=16,
-                                            v_head_dim=32, routed_scaling_factor=2.5)
-    elif kind == "glm4_moe":
-        cfg = transformers.Glm4MoeConfig(**COMMON, head_dim=32, intermediate_size=128, moe_intermediate_size=128,
-                                         n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1,
-                                         first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.5)
-    else:
-        raise ValueError(kind)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).eval()
-    with torch.no_grad():
-        for m in model.modules():                 # a non-trivial correction bias (zeros at init)
-            if getattr(m, "e_score_correction_bias", None) is not None:
-                m.e_score_correction_bias.normal_(0, 0.1)
-    return model
+    return tiny_moe_model(kind, COMMON, SIZES, seed)
 
 
 def llm_compressor_checkpoint(model, path: Path, fmt: str, quantize_attention: bool) -> Path:
@@ -140,18 +130,5 @@ def _fuse_experts(state: dict) -> dict:
     return out
 
 
-def prompts(n=4, length=16, seed=1, vocab=160):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (n, length), generator=g)
-
-
-def greedy(model, ids, new_tokens=8):
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                         min_new_tokens=new_tokens, pad_token_id=0)
-    return out[:, ids.shape[1]:]
-
-
-def logits_metrics(ref, out):
-    cos = F.cosine_similarity(ref.float().flatten(), out.float().flatten(), dim=0).item()
-    top1 = (ref.argmax(-1) == out.argmax(-1)).float().mean().item()
-    return cos, top1
+def prompts(n=4, length=16, seed=1):
+    return _prompts(n, length, seed, vocab=COMMON["vocab_size"])

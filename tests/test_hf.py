@@ -11,6 +11,8 @@ from torch import nn
 
 import inductor_w4a8 as w4a8
 from inductor_w4a8.hf import W4A8SparseMoeBlock, expert_weights, find_moe_blocks
+from tiny_models import greedy as _greedy
+from tiny_models import logits_metrics, prompts, tiny_moe_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -18,55 +20,28 @@ COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention
               num_key_value_heads=2, max_position_embeddings=128)
 
 
+SIZES = {
+    "qwen3_moe": dict(head_dim=16, moe_intermediate_size=32, intermediate_size=64, num_experts=8,
+                      num_experts_per_tok=2, norm_topk_prob=True),
+    "qwen2_moe": dict(moe_intermediate_size=32, intermediate_size=64, shared_expert_intermediate_size=64,
+                      num_experts=8, num_experts_per_tok=2, norm_topk_prob=False),
+    "mixtral": dict(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2),
+    "deepseek_v3": dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8,
+                        num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
+                        n_shared_experts=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
+                        qk_nope_head_dim=8, v_head_dim=16, routed_scaling_factor=2.5),
+    "glm4_moe": dict(head_dim=16, intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8,
+                     num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
+                     n_shared_experts=1, routed_scaling_factor=2.5),
+}
+
+
 def tiny(kind):
-    torch.manual_seed(0)
-    if kind == "qwen3_moe":
-        cfg = transformers.Qwen3MoeConfig(**COMMON, head_dim=16, moe_intermediate_size=32, intermediate_size=64,
-                                          num_experts=8, num_experts_per_tok=2, norm_topk_prob=True)
-        model = transformers.Qwen3MoeForCausalLM(cfg)
-    elif kind == "qwen2_moe":
-        cfg = transformers.Qwen2MoeConfig(**COMMON, moe_intermediate_size=32, intermediate_size=64,
-                                          shared_expert_intermediate_size=64, num_experts=8,
-                                          num_experts_per_tok=2, norm_topk_prob=False)
-        model = transformers.Qwen2MoeForCausalLM(cfg)
-    elif kind == "mixtral":
-        cfg = transformers.MixtralConfig(**COMMON, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)
-        model = transformers.MixtralForCausalLM(cfg)
-    elif kind == "deepseek_v3":
-        cfg = transformers.DeepseekV3Config(**COMMON, intermediate_size=64, moe_intermediate_size=32,
-                                            n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
-                                            first_k_dense_replace=1, n_shared_experts=1, kv_lora_rank=16,
-                                            q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
-                                            v_head_dim=16, routed_scaling_factor=2.5)
-        model = transformers.DeepseekV3ForCausalLM(cfg)
-    elif kind == "glm4_moe":
-        cfg = transformers.Glm4MoeConfig(**COMMON, head_dim=16, intermediate_size=64, moe_intermediate_size=32,
-                                         n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
-                                         first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.5)
-        model = transformers.Glm4MoeForCausalLM(cfg)
-    model = model.to(torch.bfloat16).eval()
-    with torch.no_grad():
-        for m in model.modules():                 # a non-trivial correction bias (zeros at init)
-            if getattr(m, "e_score_correction_bias", None) is not None:
-                m.e_score_correction_bias.normal_(0, 0.1)
-    return model
-
-
-def logits_metrics(ref, out):
-    cos = F.cosine_similarity(ref.float().flatten(), out.float().flatten(), dim=0).item()
-    top1 = (ref.argmax(-1) == out.argmax(-1)).float().mean().item()
-    return cos, top1
-
-
-def prompts(n=4, length=16, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 128, (n, length), generator=g)
+    return tiny_moe_model(kind, COMMON, SIZES)
 
 
 def greedy(model, ids, new_tokens=12):
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                         pad_token_id=0)
-    return out[:, ids.shape[1]:]
+    return _greedy(model, ids, new_tokens)
 
 
 @pytest.mark.parametrize("kind,n_moe", [("qwen3_moe", 2), ("qwen2_moe", 2), ("mixtral", 2), ("deepseek_v3", 1),

@@ -392,3 +392,17 @@ def test_nan_scale_in_a_checkpoint_is_refused_at_load(tmp_path, seed):
     # refused while reading the file (on the host, whatever the target device), naming its key
     with pytest.raises(ValueError, match=r"experts\.0\.down_proj.weight_scale holds 1 NaN or infinite"):
         load_w4a8_checkpoint(path)
+
+
+@pytest.mark.cuda
+def test_value_checks_on_cuda_only_when_asked():
+    # on CUDA the default skips them (reading values would make the host wait for the loading
+    # stream); check_values=True runs them there too, still before anything is written
+    layer = make_layer(scale_mode="fp8", device="cuda")
+    layer.w13_weight_scale.data[0, 1, 0] = float("inf")
+    before = snapshot(layer)
+    with pytest.raises(W4A8InputError, match=r"w13_weight_scale holds 1 NaN or infinite .* = \[0, 1, 0\]"):
+        process_weights_after_loading(layer, check_values=True)
+    _assert_untouched(layer, before)
+    process_weights_after_loading(layer)
+    assert layer.weights_processed
