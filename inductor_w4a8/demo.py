@@ -249,6 +249,23 @@ def run(preset: str = "auto", device: str | None = None, backend: str = "w4a8", 
         preset = "gpu" if dev.type == "cuda" else "cpu"
     cfg = PRESETS[preset]
     say = lambda *a: print(*a, file=out, flush=True)  # noqa: E731
+    _say_header(say, preset, cfg, dev)
+    result = {"preset": preset, "device": str(dev), "config": dataclasses.asdict(cfg), "batches": []}
+    weights = random_weights(cfg)          # generated on CPU (same numbers everywhere), used on dev
+    weights = {"experts": {k: tuple(w.to(dev) for w in v) for k, v in weights["experts"].items()},
+               "tensors": {k: v.to(dev) for k, v in weights["tensors"].items()}}
+    ckpt = _write_and_load(say, weights, cfg, dev, scale_mode, workdir)
+    model = build_w4a8_model(ckpt, cfg).eval()
+    ref_model = build_bf16_model(weights, cfg, dev).eval()
+    deq_model = build_bf16_model(weights, cfg, dev, dequantize=True).eval()
+    runner, report = _compile_and_capture(say, model, cfg, dev, backend, progress)
+    result.update(capture=report, capture_sizes=list(runner.sizes))
+    result["batches"] = _serve(say, model, runner, ref_model, deq_model, cfg, dev)
+    _say_summary(say, result, report, dev)
+    return result
+
+
+def _say_header(say, preset, cfg, dev) -> None:
     if preset == "gpu" and dev.type == "cpu":
         say("note: preset 'gpu' on cpu runs the fp64 reference kernels on 4 layers of E=64 and "
             "71 sizes up to 8192 tokens: expect well over an hour; --preset cpu is sized for a CPU")
@@ -258,11 +275,10 @@ def run(preset: str = "auto", device: str | None = None, backend: str = "w4a8", 
         f"I={cfg.intermediate_size}, group {cfg.group_size}, {cfg.scoring} routing"
         + (f" (n_group={cfg.n_group}, topk_group={cfg.topk_group}, scale {cfg.routed_scaling_factor})"
            if cfg.n_group else ""))
-    result = {"preset": preset, "device": str(dev), "config": dataclasses.asdict(cfg), "batches": []}
-    weights = random_weights(cfg)          # generated on CPU (same numbers everywhere), used on dev
-    weights = {"experts": {k: tuple(w.to(dev) for w in v) for k, v in weights["experts"].items()},
-               "tensors": {k: v.to(dev) for k, v in weights["tensors"].items()}}
 
+
+def _write_and_load(say, weights, cfg, dev, scale_mode, workdir):
+    """Steps 1-2: the weights as a compressed-tensors checkpoint on disk, then loaded back."""
     with tempfile.TemporaryDirectory(prefix="w4a8_demo_", dir=workdir) as tmp:
         t = time.perf_counter()
         path = save_w4a8_checkpoint(Path(tmp) / "checkpoint", weights["experts"], group_size=cfg.group_size,
@@ -282,13 +298,13 @@ def run(preset: str = "auto", device: str | None = None, backend: str = "w4a8", 
         moe0 = next(iter(ckpt.moe_layers.values()))
         say(f"[2/5] loaded {len(ckpt.moe_layers)} MoE layers and post-processed them "
             f"(scale_mode={moe0.scale_mode!r}) in {time.perf_counter() - t:.1f} s")
+    return ckpt
 
-    model = build_w4a8_model(ckpt, cfg).eval()
-    ref_model = build_bf16_model(weights, cfg, dev).eval()
-    deq_model = build_bf16_model(weights, cfg, dev, dequantize=True).eval()
-    H, M = cfg.hidden_size, cfg.max_num_batched_tokens
 
+def _compile_and_capture(say, model, cfg, dev, backend, progress):
+    """Steps 3-4: torch.compile, warm-up and CUDA-graph capture of every size."""
     from .cudagraph import CUDAGraphRunner
+    H, M = cfg.hidden_size, cfg.max_num_batched_tokens
     t = time.perf_counter()
     compiled = torch.compile(model, backend=backend)
     runner = CUDAGraphRunner(compiled, max_num_batched_tokens=M, capture_sizes=cfg.capture_sizes,
@@ -306,8 +322,12 @@ def run(preset: str = "auto", device: str | None = None, backend: str = "w4a8", 
     else:
         say(f"[4/5] no CUDA graphs on {dev.type}: the runner pads to the sizes {list(runner.sizes)} and "
             f"chunks above {M} tokens, running the compiled model directly")
-    result.update(capture=report, capture_sizes=list(runner.sizes))
+    return runner, report
 
+
+def _serve(say, model, runner, ref_model, deq_model, cfg, dev) -> list[dict]:
+    """Step 5: the batch schedule, eager and served, with the accuracy of each batch."""
+    H, M = cfg.hidden_size, cfg.max_num_batched_tokens
     say(f"[5/5] serving {len(schedule(cfg))} batches (prefill of {cfg.prefill_tokens} tokens in chunks "
         f"of at most {M}, then decode):")
     say("  accuracy of what the MoE layers add to the residual stream: cosine and relative error vs")
@@ -318,8 +338,7 @@ def run(preset: str = "auto", device: str | None = None, backend: str = "w4a8", 
     say(f"  {'batch':<17}{'tokens':>7}{'eager ms':>10}{'served ms':>11}{'cos bf16':>10}{'rel bf16':>10}"
         f"{'rel deq':>9}{'layer deq':>10}{'vs eager':>10}")
     gen = torch.Generator(device="cpu").manual_seed(1)
-    served_total = eager_total = 0.0
-    tokens_total = 0
+    rows = []
     with torch.no_grad():
         for name, T in schedule(cfg):
             x = torch.randn(T, H, generator=gen).to(torch.bfloat16).to(dev)
@@ -332,20 +351,24 @@ def run(preset: str = "auto", device: str | None = None, backend: str = "w4a8", 
                    "rel_error_dequantized": rel_error(d, d_deq),
                    "layer_rel_errors_dequantized": layer_by_layer_rel_errors(model, deq_model, x),
                    "vs_eager_rel": rel_error(d, d_eager)}
-            result["batches"].append(row)
-            served_total += t_served
-            eager_total += t_eager
-            tokens_total += T
+            rows.append(row)
             say(f"  {name:<17}{T:>7}{row['eager_ms']:>10.2f}{row['served_ms']:>11.2f}{row['cosine']:>10.5f}"
                 f"{row['rel_error']:>10.4f}{row['rel_error_dequantized']:>9.4f}"
                 f"{max(row['layer_rel_errors_dequantized']):>10.4f}{row['vs_eager_rel']:>10.1e}")
-    worst_cos = min(r["cosine"] for r in result["batches"])
-    worst_rel = max(r["rel_error"] for r in result["batches"])
-    worst_deq = max(r["rel_error_dequantized"] for r in result["batches"])
-    worst_layer = max(max(r["layer_rel_errors_dequantized"]) for r in result["batches"])
+    return rows
+
+
+def _say_summary(say, result, report, dev) -> None:
+    batches = result["batches"]
+    tokens = sum(r["tokens"] for r in batches)
+    worst_cos = min(r["cosine"] for r in batches)
+    worst_rel = max(r["rel_error"] for r in batches)
+    worst_deq = max(r["rel_error_dequantized"] for r in batches)
+    worst_layer = max(max(r["layer_rel_errors_dequantized"]) for r in batches)
     result.update(worst_cosine=worst_cos, worst_rel_error=worst_rel, worst_rel_error_dequantized=worst_deq,
                   worst_layer_rel_error_dequantized=worst_layer,
-                  served_tokens_per_s=tokens_total / served_total, eager_tokens_per_s=tokens_total / eager_total)
+                  served_tokens_per_s=tokens / (sum(r["served_ms"] for r in batches) / 1e3),
+                  eager_tokens_per_s=tokens / (sum(r["eager_ms"] for r in batches) / 1e3))
     say(f"accuracy: vs bf16 worst cosine {worst_cos:.5f}, worst rel error {worst_rel:.4f}; vs the "
         f"dequantized-int4 bf16 model worst rel error {worst_deq:.4f} end to end, {worst_layer:.4f} "
         f"per layer")
@@ -354,7 +377,6 @@ def run(preset: str = "auto", device: str | None = None, backend: str = "w4a8", 
         f"{result['eager_tokens_per_s']:,.0f} tokens/s"
         + ("; on CPU the ops run their fp64 reference kernels and the runner pads to capture sizes, "
            "so CPU timings say little" if dev.type == "cpu" else ""))
-    return result
 
 
 def main(argv=None) -> int:
