@@ -195,6 +195,52 @@ def test_quantize_and_silu_mul_quantize(x, silu):
     assert torch.equal(scale, want_scale)
 
 
+@st.composite
+def scatter_calls(draw):
+    """(x, flat_to_sorted) for quantize_scatter_fp8: x any tensor near bf16 [T, K]; the positions
+    a permutation of T * top_k rows or a spoiled one (dtype, rank, T, no slots)."""
+    x = draw(tensors(torch.bfloat16, ranks={2}, last_dims=st.sampled_from([0, 2, 7, 64])))
+    T = x.shape[0] if x.dim() else 0
+    k = draw(st.integers(1, 4))
+    f2s = torch.randperm(T * k, generator=torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1))))
+    f2s = f2s.to(torch.int32).view(T, k)
+    spoil = draw(st.sampled_from([None, None, "dtype", "rank", "T", "no slots"]))
+    if spoil == "dtype":
+        f2s = f2s.long()
+    elif spoil == "rank":
+        f2s = f2s.reshape(-1)
+    elif spoil == "T":
+        f2s = torch.zeros((T + 1, k), dtype=torch.int32)
+    elif spoil == "no slots":
+        f2s = torch.zeros((T, 0), dtype=torch.int32)
+    return x, f2s.to(x.device)
+
+
+@SETTINGS
+@given(scatter_calls())
+def test_quantize_scatter(case):
+    x, f2s = case
+    objection = refusal(x, torch.bfloat16, "x", rank=2) or refusal(f2s, torch.int32, "flat_to_sorted", rank=2)
+    if not objection and f2s.shape[0] != x.shape[0]:
+        objection = f"flat_to_sorted has {f2s.shape[0]} rows but x has {x.shape[0]} tokens"
+    if not objection and f2s.shape[1] == 0:
+        objection = "flat_to_sorted has 0 columns"
+    if objection:
+        assert_refused(lambda: ops.quantize_scatter_fp8(x, f2s), [x, f2s], objection)
+        return
+    event(f"accepted on {x.device.type}")
+    a, a_scale = ops.quantize_scatter_fp8(x, f2s)
+    T, K = x.shape
+    assert a.shape == (f2s.numel(), K) and a.dtype == FP8
+    assert a_scale.shape == (f2s.numel(), 1) and a_scale.dtype == torch.float32
+    if x.device.type == "meta":
+        return
+    q, scale = formats.quantize_fp8_per_token(x)
+    rows = f2s.long()
+    for j in range(f2s.shape[1]):           # row f2s[t, j] is token t, for every slot j
+        assert same_bits(a[rows[:, j]], q) and same_bits(a_scale[rows[:, j]], scale)
+
+
 # ------------------------------------------------------------------------------------------
 # the grouped GEMM: a valid call, or one argument spoiled
 # ------------------------------------------------------------------------------------------
