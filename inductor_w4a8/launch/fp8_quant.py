@@ -16,6 +16,12 @@ def fp8_row_tile(K: int) -> tuple[int, int]:
     return block_k, 4 if block_k <= 1024 else 8
 
 
+def empty_fp8_rows(rows: int, K: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The outputs of a per-row fp8 quantizer: fp8 [rows, K] and fp32 scales [rows, 1]."""
+    return (torch.empty((rows, K), dtype=formats.FP8_DTYPE, device=device),
+            torch.empty((rows, 1), dtype=torch.float32, device=device))
+
+
 def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """bf16 [T, K] contiguous -> (fp8 [T, K], fp32 [T, 1]) on the current stream; no host sync,
     grid = T (capturable)."""
@@ -23,8 +29,7 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
         raise ValueError(f"quantize_fp8_per_token: x must be contiguous bf16 [T, K], got "
                          f"{x.dtype} {tuple(x.shape)} strides {x.stride()}")
     T, K = x.shape
-    q = torch.empty((T, K), dtype=formats.FP8_DTYPE, device=x.device)
-    scale = torch.empty((T, 1), dtype=torch.float32, device=x.device)
+    q, scale = empty_fp8_rows(T, K, x.device)
     if T == 0:
         return q, scale
     block_k, warps = fp8_row_tile(K)

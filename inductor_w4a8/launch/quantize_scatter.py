@@ -6,7 +6,7 @@ import torch
 from .. import formats
 from ..kernels.quantize_scatter import quantize_scatter_fp8_kernel
 from ._common import device_guard, fast_launch, use_hw_fp8
-from .fp8_quant import fp8_row_tile
+from .fp8_quant import empty_fp8_rows, fp8_row_tile
 
 
 def quantize_scatter_fp8(x: torch.Tensor, flat_to_sorted: torch.Tensor):
@@ -16,8 +16,7 @@ def quantize_scatter_fp8(x: torch.Tensor, flat_to_sorted: torch.Tensor):
     T, K = x.shape
     top_k = flat_to_sorted.shape[1]
     R = T * top_k
-    a = torch.empty((R, K), dtype=formats.FP8_DTYPE, device=x.device)
-    a_scale = torch.empty((R, 1), dtype=torch.float32, device=x.device)
+    a, a_scale = empty_fp8_rows(R, K, x.device)
     if R == 0:
         return a, a_scale
     block_k, warps = fp8_row_tile(K)

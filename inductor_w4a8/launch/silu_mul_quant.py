@@ -6,6 +6,7 @@ import torch
 from .. import formats
 from ..kernels.silu_mul_quant import silu_mul_quant_kernel
 from ._common import device_guard, fast_launch, next_pow2, use_hw_fp8
+from .fp8_quant import empty_fp8_rows
 
 # Rows of up to MAX_ONE_TILE outputs stay in registers (one read of x); longer rows loop.
 MAX_ONE_TILE = 4096
@@ -20,8 +21,7 @@ def silu_mul_quantize_fp8(x: torch.Tensor, *, block_i: int | None = None):
     """
     R, two_i = x.shape
     I = two_i // 2
-    q = torch.empty((R, I), dtype=formats.FP8_DTYPE, device=x.device)
-    scale = torch.empty((R, 1), dtype=torch.float32, device=x.device)
+    q, scale = empty_fp8_rows(R, I, x.device)
     if R == 0:
         return q, scale
     if block_i is None:
