@@ -359,6 +359,14 @@ def _select_experts_cuda(router_logits, correction_bias, top_k, scoring, renorma
                                                renormalize, n_group, topk_group, routed_scaling_factor)
 
 
+def _check_select_and_sort(router_logits, correction_bias, top_k, scoring, n_group, topk_group):
+    _check_select_experts(router_logits, correction_bias, top_k, scoring, n_group, topk_group,
+                          op="select_and_sort_experts")
+    if router_logits.shape[0] * top_k >= 2**31:
+        fail("select_and_sort_experts", f"T * top_k = {router_logits.shape[0] * top_k} pairs do not "
+             f"fit int32 sorted positions; split the batch")
+
+
 @torch.library.custom_op("w4a8::select_and_sort_experts", mutates_args=())
 def select_and_sort_experts(router_logits: Tensor, correction_bias: Tensor | None, top_k: int,
                             scoring: str, renormalize: bool, n_group: int, topk_group: int,
@@ -367,14 +375,6 @@ def select_and_sort_experts(router_logits: Tensor, correction_bias: Tensor | Non
     (weights, ids, sorted_rows, flat_to_sorted, expert_offsets). On CUDA a single token (decode)
     is routed and sorted by one kernel."""
     raise NotImplementedError(f"w4a8::select_and_sort_experts has no kernel for {router_logits.device}")
-
-
-def _check_select_and_sort(router_logits, correction_bias, top_k, scoring, n_group, topk_group):
-    _check_select_experts(router_logits, correction_bias, top_k, scoring, n_group, topk_group,
-                          op="select_and_sort_experts")
-    if router_logits.shape[0] * top_k >= 2**31:
-        fail("select_and_sort_experts", f"T * top_k = {router_logits.shape[0] * top_k} pairs do not "
-             f"fit int32 sorted positions; split the batch")
 
 
 @select_and_sort_experts.register_fake
