@@ -13,7 +13,8 @@ measured in the same run on the same GPU: a device-to-device copy of a multi-GB 
 torch._scaled_mm (rowwise scales) at 8192^3. A numerics table follows (inductor_w4a8.
 bench_numerics): ours in both scale modes and FBGEMM against the exact fp64 product of the
 checkpoint's own int4 weights and the fp8 activations, beside the bf16 output floor.
-Prints markdown tables, writes JSON and a PNG plot. `--block` also times W4A8MoE.forward.
+Prints markdown tables, writes JSON and a PNG plot. `--block` times the whole W4A8MoE block
+instead (inductor_w4a8.bench_block: eager, compiled and graph replay side by side).
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ import sys
 
 import torch
 
-from . import formats
+from . import cli, formats
+from .bench_block import BLOCK_M
 from .checks import value_checks
 
 E_GLM, HIDDEN_GLM, INTER_GLM, TOPK_GLM = 160, 5120, 1536, 8
@@ -34,8 +36,6 @@ M_LIST = (1, 16, 64, 256, 1024, 4096, 8192)
 GLM_GEMMS = {"w13": (2 * INTER_GLM, HIDDEN_GLM), "w2": (HIDDEN_GLM, INTER_GLM)}   # name: (N, K)
 PROG = "python -m inductor_w4a8 bench"
 NUMERICS_M = (1, 64, 513)   # token counts of the numerics table (decode, mid, past a 512 boundary)
-NO_GPU_MESSAGE = (f"{PROG} needs a CUDA GPU and none is visible here; on this machine run "
-                  "`python -m inductor_w4a8 demo` (it runs on CPU)")
 
 
 # ------------------------------------------------------------------------------------------
@@ -264,19 +264,13 @@ def graph_bench_us(fn, reps=60, fallback_rep_ms=200) -> float:
 # The benchmark
 # ------------------------------------------------------------------------------------------
 def run(m_list=M_LIST, scale_mode="fp8", peers=True, group_size=128, rep=200, out_dir=".",
-        block=False, numerics_m=None, log=print):
+        numerics_m=None, log=print):
     from . import bench_numerics
     torch.manual_seed(0)
     ceilings = measure_ceilings()
     log(ceilings.describe())
     rows = time_gemms(m_list, scale_mode, peers, group_size, rep, ceilings, log)
     torch.cuda.empty_cache()
-    block_rows = []
-    if block:
-        try:
-            block_rows = time_block(m_list, log)
-        except Exception as exc:  # noqa: BLE001 - the GEMM table must still come out
-            log(f"--block failed: {exc!r}"[:500])
     numerics = []
     if numerics_m:
         try:
@@ -292,7 +286,7 @@ def run(m_list=M_LIST, scale_mode="fp8", peers=True, group_size=128, rep=200, ou
             "triton": __import__("triton").__version__, "scale_mode": scale_mode,
             "group_size": group_size, "ceilings": dataclasses.asdict(ceilings)}
     with open(os.path.join(out_dir, "bench_grouped_gemm.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows, "block": block_rows, "numerics": numerics}, f, indent=1)
+        json.dump({"meta": meta, "rows": rows, "numerics": numerics}, f, indent=1)
     try:
         plot(rows, os.path.join(out_dir, "bench_grouped_gemm.png"), meta)
     except Exception as exc:  # noqa: BLE001
@@ -429,77 +423,40 @@ def plot(rows, path, meta):
     fig.savefig(path, dpi=120)
 
 
-def time_block(m_list, log=print):
-    """Time W4A8MoE.forward on GLM-4.6 shapes, when inductor_w4a8.moe exists."""
-    try:
-        from . import moe as moe_mod
-    except ImportError:
-        log("--block: inductor_w4a8.moe is not there yet; skipped")
-        return []
-    device = torch.device("cuda")
-    E, H, I, k = E_GLM, HIDDEN_GLM, INTER_GLM, TOPK_GLM
-    layer = moe_mod.W4A8MoE(E, k, H, I, group_size=128, device=device)
-    with torch.no_grad():
-        for name, (N, K) in {"w13": (2 * I, H), "w2": (H, I)}.items():
-            getattr(layer, f"{name}_weight_packed").copy_(
-                torch.randint(-2**31, 2**31 - 1, (E, N, K // 8), dtype=torch.int32, device=device))
-            getattr(layer, f"{name}_weight_scale").copy_(
-                (torch.rand(E, N, K // 128, device=device) * 0.01 + 0.002).to(torch.bfloat16))
-    layer.process_weights_after_loading()
-    out = []
-    with torch.no_grad(), value_checks(False):
-        for M in m_list:
-            x = torch.randn(M, H, device=device, dtype=torch.bfloat16)
-            logits = torch.randn(M, E, device=device, dtype=torch.bfloat16)
-            us = graph_bench_us(lambda: layer(x, logits))
-            out.append({"M": M, "block_us": us})
-            log(f"block M={M}: {us:.1f} us")
-    return out
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--m", type=positive_int, nargs="*", default=list(M_LIST), metavar="TOKENS",
-                   help="token counts M to time (R = 8 M rows); default: %(default)s")
-    p.add_argument("--scale-mode", choices=formats.SCALE_MODES, default="fp8",
-                   help="group-scale mode of our GEMM in the timing table; default: %(default)s")
+    p.add_argument("--m", type=cli.positive_int, nargs="+", default=None, metavar="TOKENS",
+                   help=f"token counts M to time (R = 8 M rows); default: {' '.join(map(str, M_LIST))}, "
+                        f"with --block {' '.join(map(str, BLOCK_M))}")
+    p.add_argument("--scale-mode", choices=formats.SCALE_MODES, default=None,
+                   help="group-scale mode: of our GEMM in the timing table (default fp8), of the "
+                        "block with --block (default: W4A8MoE's)")
     p.add_argument("--no-peers", action="store_true",
                    help="time ours only (no bf16 / fp8 torch grouped GEMMs, no FBGEMM)")
-    p.add_argument("--block", action="store_true", help="also time W4A8MoE.forward")
-    p.add_argument("--rep", type=positive_int, default=200, metavar="MS",
+    p.add_argument("--block", action="store_true",
+                   help="time the whole GLM-4.6 W4A8MoE block (eager, compiled, graph replay) instead")
+    p.add_argument("--rep", type=cli.positive_int, default=200, metavar="MS",
                    help="do_bench repetition time in ms, where a CUDA graph cannot be captured")
-    p.add_argument("--numerics-m", type=positive_int, nargs="*", default=list(NUMERICS_M), metavar="TOKENS",
+    p.add_argument("--numerics-m", type=cli.positive_int, nargs="*", default=list(NUMERICS_M), metavar="TOKENS",
                    help="token counts of the numerics table (errors against the exact fp64 "
                         "product); give none to skip it; default: %(default)s")
-    p.add_argument("--out", default=os.environ.get("OUT", "."), metavar="DIR",
-                   help="directory for bench_grouped_gemm.json / .png; default: $OUT or .")
+    p.add_argument("--out", type=cli.output_dir, default=os.environ.get("OUT", "."), metavar="DIR",
+                   help="directory for bench_grouped_gemm.json / .png (bench_block.json with "
+                        "--block); default: $OUT or .")
     return p
 
 
 def main(argv=None):
-    args = parser().parse_args(argv)
+    args = parser().parse_args(argv)    # --m, --rep and --out are checked here, before any work
+    cli.require_cuda(PROG, "the benchmark")
     if args.block:  # eager / compiled / graph replay of the whole block: inductor_w4a8.bench_block
-        from .bench_block import main as block_main
-        return block_main(args.m, args.out)
-    if not torch.cuda.is_available():
-        print(NO_GPU_MESSAGE, file=sys.stderr)
-        return 2
-    try:  # before the long work: a bad --out fails now, not after the run
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as exc:
-        print(f"{PROG}: cannot create --out {args.out!r}: {exc.strerror}", file=sys.stderr)
-        return 2
+        from .bench_block import BLOCK_M, run as block_run
+        block_run(tuple(args.m or BLOCK_M), out_dir=str(args.out), scale_mode=args.scale_mode)
+        return 0
     import inductor_w4a8  # noqa: F401  (registers the ops)
-    run(args.m, args.scale_mode, not args.no_peers, rep=args.rep, out_dir=args.out, block=args.block,
-        numerics_m=args.numerics_m)
+    run(tuple(args.m or M_LIST), args.scale_mode or "fp8", not args.no_peers, rep=args.rep,
+        out_dir=str(args.out), numerics_m=args.numerics_m)
     return 0
 
 

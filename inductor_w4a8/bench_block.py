@@ -26,7 +26,6 @@ import torch
 GLM = dict(num_experts=160, top_k=8, hidden_size=5120, intermediate_size=1536, group_size=128,
            scoring="sigmoid", n_group=1, topk_group=1, routed_scaling_factor=2.5)
 BLOCK_M = (1, 8, 64, 512, 2048, 8192)
-CPU_MESSAGE = "bench --block: needs a CUDA GPU (torch.cuda.is_available() is False); nothing timed"
 
 
 def glm_layer(device, seed=0, scale_mode=None):
@@ -126,12 +125,3 @@ def run(m_list=BLOCK_M, out_dir=".", scale_mode=None, log=print) -> list[dict]:
     with open(os.path.join(out_dir, "bench_block.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     return rows
-
-
-def main(m_list=None, out_dir=".", scale_mode=None) -> int:
-    """Entry from bench.py's --block (its --m, --out and --scale-mode)."""
-    if not torch.cuda.is_available():
-        print(CPU_MESSAGE)
-        return 2
-    run(tuple(m_list) if m_list else BLOCK_M, out_dir=out_dir, scale_mode=scale_mode)
-    return 0

@@ -47,6 +47,17 @@ def device_or_exit(prog: str, spec: str | None) -> torch.device:
     return device
 
 
+def positive_int(text: str) -> int:
+    """argparse `type=` for a count: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def _writable_dir(path: Path) -> bool:
     return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
 

@@ -163,7 +163,7 @@ def test_cpu_machine_gets_one_line_pointing_to_the_demo():
     env_path = str(ROOT)
     proc = subprocess.run([sys.executable, "-m", "inductor_w4a8", "bench"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120, env={**__import__("os").environ, "PYTHONPATH": env_path})
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -178,7 +178,9 @@ def test_bad_out_directory_refused_before_the_run(monkeypatch, tmp_path, capsys)
     def no_run(*args, **kwargs):
         raise AssertionError("the benchmark started with an unusable --out")
     monkeypatch.setattr(bench, "run", no_run)
-    assert bench.main(["--out", str(blocker / "sub")]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--out", str(blocker / "sub")])
+    assert exit_.value.code == 2
     assert "--out" in capsys.readouterr().err
 
 

@@ -3,6 +3,7 @@
 block's own two GEMMs on the block's own inputs. The timing itself runs on the GPU only."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from inductor_w4a8 import bench_block, testing
@@ -13,9 +14,23 @@ from compile_utils import make_inputs, make_moe
 
 def test_without_a_gpu_one_clear_line(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert cli_main(["bench", "--block"]) == 2
-    out = capsys.readouterr().out.strip().splitlines()
-    assert out == [bench_block.CPU_MESSAGE]
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["bench", "--block"])
+    captured = capsys.readouterr()
+    assert exit_.value.code == 2 and captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "needs a CUDA GPU" in lines[0] and "python -m inductor_w4a8 demo" in lines[0]
+
+
+def test_block_gets_its_token_counts_and_scale_mode(monkeypatch, tmp_path):
+    """--block passes --m, --scale-mode and --out on (its own token counts when --m is not given)."""
+    from inductor_w4a8 import bench
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    calls = []
+    monkeypatch.setattr(bench_block, "run", lambda m, out_dir, scale_mode: calls.append((m, out_dir, scale_mode)))
+    assert bench.main(["--block", "--out", str(tmp_path)]) == 0
+    assert bench.main(["--block", "--m", "1", "64", "--scale-mode", "fp8", "--out", str(tmp_path)]) == 0
+    assert calls == [(bench_block.BLOCK_M, str(tmp_path), None), ((1, 64), str(tmp_path), "fp8")]
 
 
 def test_markdown_table_has_every_column_and_the_share():
