@@ -151,7 +151,8 @@ def _first_index(mask: torch.Tensor) -> tuple[int, ...]:
 
 
 def check_checkpoint_values(prefix: str, packed: torch.Tensor, scale: torch.Tensor,
-                            error: type[Exception] = W4A8InputError, sep: str = "_") -> None:
+                            error: type[Exception] = W4A8InputError, sep: str = "_",
+                            refuse_unloaded: bool = True) -> None:
     """Refuse the values of one projection's checkpoint tensors (`{prefix}{sep}weight_packed`,
     `{prefix}{sep}weight_scale`) that can only come from a failed or corrupt load (module docstring).
     Reads every scale and, unless its first words differ from the constructor's fill, every word;
@@ -160,17 +161,18 @@ def check_checkpoint_values(prefix: str, packed: torch.Tensor, scale: torch.Tens
     packed, scale = packed.detach(), scale.detach()
     unloaded = "; nothing was loaded into this layer (load the checkpoint with load_state_dict or " \
                "inductor_w4a8.load_w4a8_checkpoint before processing)"
-    if scale.numel() and not bool(scale.any()):
+    if refuse_unloaded and scale.numel() and not bool(scale.any()):
         raise error(f"{_OP}: every value of {prefix}{sep}weight_scale is 0{unloaded}")
-    for fill in (formats.UINT4B8_ZERO_WORD, 0):
+    for fill in (formats.UINT4B8_ZERO_WORD, 0) if refuse_unloaded else ():
         if _all_equal(packed, fill):
             raise error(f"{_OP}: every word of {prefix}{sep}weight_packed is {fill & 0xFFFFFFFF:#010x} "
                         f"(the constructor's fill or zeroed memory){unloaded}")
     for what, bad in (("NaN or infinite", ~torch.isfinite(scale)), ("negative", scale < 0)):
         count = int(bad.sum())
         if count:
+            where = ", ".join(("expert", "row", "group")[-bad.dim():])
             raise error(f"{_OP}: {prefix}{sep}weight_scale holds {count} {what} group scale(s), the first "
-                        f"at [expert, row, group] = {list(_first_index(bad))}; symmetric int4 scales are "
+                        f"at [{where}] = {list(_first_index(bad))}; symmetric int4 scales are "
                         f"finite and >= 0 (amax / 7.5): the checkpoint is corrupt or was not written "
                         f"by a compressed-tensors quantizer")
 

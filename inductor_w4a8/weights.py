@@ -130,10 +130,13 @@ def _refuse_fields(keys: Iterable[str]) -> None:
                                           f"int4 weights without g_idx")
 
 
-def _check_part(name: str, packed: torch.Tensor, scale: torch.Tensor, shape, G: int):
-    """Validate one projection (per expert [N, K//8] or stacked [E, N, K//8]); returns (N, K)."""
+def _check_part(name: str, packed: torch.Tensor, scale: torch.Tensor, shape, G: int, sep: str = "."):
+    """Validate one projection (per expert [N, K//8] or stacked [E, N, K//8]) as read from the
+    files, naming its tensors `{name}{sep}weight_packed` / `{name}{sep}weight_scale` (the file's
+    spelling); returns (N, K)."""
+    packed_name, scale_name = f"{name}{sep}weight_packed", f"{name}{sep}weight_scale"
     if packed.dtype != torch.int32:
-        raise W4A8CheckpointError(f"{name}.weight_packed has dtype {packed.dtype}; pack-quantized "
+        raise W4A8CheckpointError(f"{packed_name} has dtype {packed.dtype}; pack-quantized "
                                   f"int4 weights are int32 words")
     N, words = packed.shape[-2:]
     K = int(shape[-1]) if shape is not None else words * formats.NIBBLES_PER_WORD
@@ -142,12 +145,15 @@ def _check_part(name: str, packed: torch.Tensor, scale: torch.Tensor, shape, G: 
                                   f"weight_packed {tuple(packed.shape)} (8 int4 per int32 word)")
     groups = math.ceil(K / G)
     if tuple(scale.shape) != tuple(packed.shape[:-1]) + (groups,):
-        raise W4A8CheckpointError(f"{name}.weight_scale has shape {tuple(scale.shape)}; with K={K} and "
+        raise W4A8CheckpointError(f"{scale_name} has shape {tuple(scale.shape)}; with K={K} and "
                                   f"group_size={G} it must be {tuple(packed.shape[:-1]) + (groups,)}")
     if not scale.is_floating_point():
-        raise W4A8CheckpointError(f"{name}.weight_scale has dtype {scale.dtype}; need a float (bf16)")
+        raise W4A8CheckpointError(f"{scale_name} has dtype {scale.dtype}; need a float (bf16)")
     if scale.device.type == "cpu":   # read from the file on the host: the check costs no sync
-        check_checkpoint_values(name, packed, scale, error=W4A8CheckpointError, sep=".")
+        # corrupt values only: a file's all-zero expert (or layer) is what the file holds, not
+        # an unloaded module (post-processing refuses that on the built layer)
+        check_checkpoint_values(name, packed, scale, error=W4A8CheckpointError, sep=sep,
+                                refuse_unloaded=False)
     return N, K
 
 
@@ -228,8 +234,8 @@ def _read_module_spelling(layer: str, module: dict, files: CheckpointFiles, G: i
         raise W4A8CheckpointError(f"{layer}.experts is missing {missing}")
     w13p, w13s = files.get(module["w13_weight_packed"]), files.get(module["w13_weight_scale"])
     w2p, w2s = files.get(module["w2_weight_packed"]), files.get(module["w2_weight_scale"])
-    _check_part(f"{layer}.experts.w13", w13p, w13s, None, G)
-    _check_part(f"{layer}.experts.w2", w2p, w2s, None, G)
+    _check_part(f"{layer}.experts.w13", w13p, w13s, None, G, sep="_")
+    _check_part(f"{layer}.experts.w2", w2p, w2s, None, G, sep="_")
     return w13p, w13s, w2p, w2s
 
 
@@ -422,6 +428,10 @@ def write_safetensors(path: Path, state: Mapping[str, torch.Tensor], config: Map
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    # a checkpoint written here before (single file or shards + index) would otherwise be read
+    # instead of, or mixed with, this one: its weight files go first, as save_pretrained does
+    for old in [path / SINGLE_FILE_NAME, path / INDEX_NAME, *path.glob("model-*-of-*.safetensors")]:
+        old.unlink(missing_ok=True)
     (path / CONFIG_NAME).write_text(json.dumps(dict(config), indent=2) + "\n")
     meta = {"format": "pt"}
     if not max_shard_bytes:

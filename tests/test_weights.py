@@ -2,6 +2,7 @@
 W4A8MoE, padding of I to whole groups, tensor-parallel loading, and refusal of non-W4A8 configs."""
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -397,3 +398,46 @@ def test_bad_files_are_refused_naming_the_file(tmp_path):
         with pytest.raises(W4A8CheckpointError) as err:
             load_w4a8_checkpoint(d)
         assert str(d / file) in str(err.value) and what in str(err.value), (d.name, str(err.value))
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "stacked"])
+def test_an_all_zero_expert_in_the_file_loads(tmp_path, layout, seed):
+    """A pruned (all-zero) expert is a value the file holds, not an unloaded layer: it loads, and
+    the layer equals from_float of the same weights."""
+    w1, w3, w2 = bf16_experts(E=4, H=128, I=64, seed=seed)
+    for w in (w1, w3, w2):
+        w[1] = 0
+    path = save_w4a8_checkpoint(tmp_path, {LAYER: (w1, w3, w2)}, group_size=64, config=QWEN, layout=layout)
+    moe = load_w4a8_checkpoint(path).moe_layers[LAYER]
+    ref = expected_layer(w1, w3, w2, 64, moe_routing_from_config(QWEN))
+    x, logits = inputs(4, 128, seed=seed + 1)
+    assert torch.equal(moe(x, logits), ref(x, logits))
+
+
+def test_stacked_keys_are_named_in_their_own_spelling(tmp_path):
+    w1, w3, w2 = bf16_experts(E=2, H=128, I=64)
+    path = save_w4a8_checkpoint(tmp_path, {LAYER: (w1, w3, w2)}, group_size=64, config=QWEN, layout="stacked")
+    t = load_file(str(path / "model.safetensors"))
+    key = f"{LAYER}.experts.w2_weight_scale"
+    t[key][1, 3, 0] = float("nan")
+    save_file(t, str(path / "model.safetensors"))
+    with pytest.raises(W4A8CheckpointError, match=rf"{re.escape(key)} holds 1 NaN or infinite group "
+                                                  rf"scale\(s\), the first at \[expert, row, group\] = \[1, 3, 0\]"):
+        load_w4a8_checkpoint(path)
+
+
+def test_rewriting_a_checkpoint_folder_replaces_its_weight_files(tmp_path, seed):
+    """Shards then a single file into the same folder (and back): only the newest checkpoint is read."""
+    old = bf16_experts(E=2, H=128, I=64, seed=seed)
+    new = bf16_experts(E=2, H=128, I=64, seed=seed + 1)
+    save_w4a8_checkpoint(tmp_path, {LAYER: old}, group_size=64, config=QWEN, max_shard_bytes=40_000)
+    save_w4a8_checkpoint(tmp_path, {LAYER: new}, group_size=64, config=QWEN)
+    assert not (tmp_path / "model.safetensors.index.json").exists()
+    assert not list(tmp_path.glob("model-*-of-*.safetensors"))
+    x, logits = inputs(2, 128, seed=seed)
+    ref = expected_layer(*new, 64, moe_routing_from_config(QWEN))
+    assert torch.equal(load_w4a8_checkpoint(tmp_path).moe_layers[LAYER](x, logits), ref(x, logits))
+    save_w4a8_checkpoint(tmp_path, {LAYER: old}, group_size=64, config=QWEN, max_shard_bytes=40_000)
+    assert not (tmp_path / "model.safetensors").exists()
+    ref = expected_layer(*old, 64, moe_routing_from_config(QWEN))
+    assert torch.equal(load_w4a8_checkpoint(tmp_path).moe_layers[LAYER](x, logits), ref(x, logits))
