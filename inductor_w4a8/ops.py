@@ -359,12 +359,18 @@ def _select_experts_cuda(router_logits, correction_bias, top_k, scoring, renorma
                                                renormalize, n_group, topk_group, routed_scaling_factor)
 
 
+def _check_pairs_fit_int32(op: str, T, top_k) -> None:
+    """Sorted positions are int32: T * top_k pairs must stay below 2^31. Checked where T is a
+    number; a symbolic T (export with an unbounded token dim) is not constrained by it."""
+    if isinstance(T, int) and T * top_k >= 2**31:
+        fail(op, f"T * top_k = {T * top_k} (token, slot) pairs do not fit int32 sorted positions; "
+                 f"split the batch into chunks of fewer than {2**31 // top_k} tokens")
+
+
 def _check_select_and_sort(router_logits, correction_bias, top_k, scoring, n_group, topk_group):
     _check_select_experts(router_logits, correction_bias, top_k, scoring, n_group, topk_group,
                           op="select_and_sort_experts")
-    if router_logits.shape[0] * top_k >= 2**31:
-        fail("select_and_sort_experts", f"T * top_k = {router_logits.shape[0] * top_k} pairs do not "
-             f"fit int32 sorted positions; split the batch")
+    _check_pairs_fit_int32("select_and_sort_experts", router_logits.shape[0], top_k)
 
 
 @torch.library.custom_op("w4a8::select_and_sort_experts", mutates_args=())
@@ -419,6 +425,7 @@ def _check_sort(topk_ids: Tensor, num_experts: int) -> None:
     check_contiguous(op, "topk_ids", topk_ids)
     if num_experts < 1:
         fail(op, f"num_experts={num_experts} must be >= 1")
+    _check_pairs_fit_int32(op, topk_ids.shape[0], topk_ids.shape[1])
     if value_checks_enabled(topk_ids) and topk_ids.numel():
         lo, hi = int(topk_ids.min()), int(topk_ids.max())
         if lo < 0 or hi >= num_experts:

@@ -69,6 +69,16 @@ w2_group_scale: bfloat16 [160, 5120, 12] meta""")
         with self.assertRaises(w4a8.W4A8InputError):
             moe(x, logits[:8])
 
+    def test_export_with_an_unbounded_token_dim(self):
+        """No op check constrains T: the int32 limit on T * top_k pairs is checked on real sizes
+        only (a guard on a symbolic T would cap the exported range)."""
+        moe = glm_on_meta()
+        T = Dim("T")
+        ep = export(moe, meta_inputs(64, moe),
+                    dynamic_shapes={"hidden_states": {0: T}, "router_logits": {0: T}})
+        (r,) = ep.range_constraints.values()
+        self.assertGreater(r.upper, 2**31)
+
     def test_export_glm46_with_dynamic_token_dim(self):
         moe = glm_on_meta()
         T = Dim("T", min=1, max=MAX_TOKENS)

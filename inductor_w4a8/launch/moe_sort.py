@@ -31,8 +31,6 @@ def sort_by_expert(topk_ids: torch.Tensor, num_experts: int, *, chunk: int | Non
     E = int(num_experts)
     N = topk_ids.numel()
     dev = topk_ids.device
-    if N >= 2**31:
-        raise ValueError(f"sort_by_expert: T * top_k = {N} pairs do not fit int32 positions")
     sorted_rows = torch.empty((N,), dtype=torch.int32, device=dev)
     flat_to_sorted = torch.empty(topk_ids.shape, dtype=torch.int32, device=dev)
     offsets = torch.empty((E + 1,), dtype=torch.int64, device=dev)
