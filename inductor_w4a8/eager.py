@@ -101,11 +101,16 @@ def direct_kernels(moe, hidden_states, router_logits):
     checked, unchecked = _table(device.type)
     if value_checks_enabled(hidden_states):
         return checked, None
-    # parameters by identity, shape and dtype: replaced (a freed one's id can come back) or
-    # converted in place (module.to(dtype) keeps the Parameter object) -> checked again
-    params = tuple(None if p is None else (id(p), p.shape, p.dtype) for p in moe._parameters.values())
+    # everything the ops' checks read: the inputs' shapes, dtypes and devices; each parameter by
+    # identity, shape, dtype, device and strides (replaced -- a freed one's id can come back --
+    # or converted in place: module.to() keeps the Parameter object); the module's settings the
+    # forward passes to the ops (routing and group size can be reassigned after a call)
+    params = tuple(None if p is None else (id(p), p.shape, p.dtype, p.device, p.stride())
+                   for p in moe._parameters.values())
+    settings = (moe.num_experts, moe.top_k, moe.scoring, moe.renormalize, moe.n_group, moe.topk_group,
+                moe.routed_scaling_factor, moe.group_size)
     key = (hidden_states.shape, router_logits.shape, hidden_states.dtype, router_logits.dtype,
-           device, router_logits.device, params)
+           device, router_logits.device, params, settings)
     if key in moe.__dict__.get(CHECKED_ATTR, ()):
         return unchecked, None
     return checked, key

@@ -146,3 +146,16 @@ def test_switch_and_environment_turn_the_direct_path_off(seed):
             assert eager.direct_kernels(moe, x, logits) == (None, None)
     # a call that needs gradients never goes direct (W4A8MoE.__call__ refuses it anyway)
     assert eager.direct_kernels(moe, x.clone().requires_grad_(True), logits) == (None, None)
+
+
+def test_a_routing_setting_changed_after_a_call_is_checked_again(seed):
+    """The checked-once key holds the module's routing settings: an n_group that does not divide E,
+    set after a good call, is refused by the ops' check (not run unchecked)."""
+    moe = make_moe(seed=seed % 1000, scoring="sigmoid", n_group=2, topk_group=1)
+    x, logits = make_inputs(5, moe, seed=seed)
+    with torch.no_grad():
+        moe(x, logits)
+        moe(x, logits)                         # now the unchecked kernels for this key
+        moe.n_group = moe.num_experts + 1      # not a divisor of E
+        with pytest.raises(W4A8InputError, match="is not a multiple of n_group"):
+            moe(x, logits)
