@@ -24,18 +24,19 @@ def _sorted_row(f2s_ptr, pair, R):
 
 
 @triton.jit
-def quantize_scatter_fp8_kernel(x_ptr, f2s_ptr, a_ptr, a_scale_ptr, K, R, TOP_K: tl.constexpr,
+def quantize_scatter_fp8_kernel(x_ptr, f2s_ptr, a_ptr, a_scale_ptr, K, R, top_k,
                                 MIN_SCALE: tl.constexpr, BLOCK_K: tl.constexpr, HW: tl.constexpr):
+    # top_k is a runtime loop bound, not unrolled: any top_k (up to E) compiles once, quickly
     t = tl.program_id(0).to(tl.int64)
     x_base = t * K
     scale = bf16_row_fp8_scale(x_ptr, x_base, K, MIN_SCALE, BLOCK_K)
-    for j in tl.static_range(TOP_K):
-        tl.store(a_scale_ptr + _sorted_row(f2s_ptr, t * TOP_K + j, R), scale)
+    for j in range(top_k):
+        tl.store(a_scale_ptr + _sorted_row(f2s_ptr, t * top_k + j, R), scale)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         mask = cols < K
         v = tl.load(x_ptr + x_base + cols, mask=mask, other=0.0).to(tl.float32)
         q = quantize_e4m3_bits(v, scale, HW)
-        for j in tl.static_range(TOP_K):
-            row = _sorted_row(f2s_ptr, t * TOP_K + j, R)
+        for j in range(top_k):
+            row = _sorted_row(f2s_ptr, t * top_k + j, R)
             tl.store(a_ptr + row * K + cols, q, mask=mask)
