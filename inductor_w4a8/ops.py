@@ -220,6 +220,31 @@ def _silu_mul_quantize_fp8_cuda(x: Tensor) -> tuple[Tensor, Tensor]:
 # ============================================================================================
 # Grouped GEMM
 # ============================================================================================
+def _check_gemm_weights(op: str, w: Tensor, w_scale: Tensor, w_chan_scale: Tensor | None, K: int,
+                        group_size: int, x_name: str, w_layout: str) -> tuple[int, int]:
+    """The weight side of the GEMM ops (grouped_gemm, linear): w in the GEMM layout sharing K with
+    the activations `x_name`, its group scales (and channel scales in fp8 mode). Returns (E, N)."""
+    check_dtype(op, "w", w, formats.gemm_layout_dtype())
+    check_rank(op, "w", w, 3, w_layout)
+    check_contiguous(op, "w", w)
+    E, N, words = w.shape
+    if words * formats.NIBBLES_PER_WORD != K:
+        fail(op, f"{x_name} has K={K} but w holds K={words * formats.NIBBLES_PER_WORD} "
+                 f"(w.shape[2] * 8); activations and weights must share K")
+    if problem := formats.group_size_problem(group_size, K):
+        fail(op, problem)
+    if w_chan_scale is None:
+        check_dtype(op, "w_scale", w_scale, torch.bfloat16)
+    else:
+        check_dtype(op, "w_scale", w_scale, FP8)
+        check_dtype(op, "w_chan_scale", w_chan_scale, torch.float32)
+        check_shape(op, "w_chan_scale", w_chan_scale, (E, N, 1), f"[{E}, N, 1] fp32 channel scales")
+        check_contiguous(op, "w_chan_scale", w_chan_scale)
+    check_shape(op, "w_scale", w_scale, (E, N, K // group_size), f"[{E}, N, K // group_size] group scales")
+    check_contiguous(op, "w_scale", w_scale)
+    return E, N
+
+
 def _check_grouped_gemm(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor,
                         w_chan_scale: Tensor | None, expert_offsets: Tensor, group_size: int) -> None:
     op = "grouped_gemm"
@@ -227,31 +252,15 @@ def _check_grouped_gemm(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor,
     check_rank(op, "a", a, 2, "[R, K] fp8 rows sorted by expert")
     check_contiguous(op, "a", a)
     check_dtype(op, "a_scale", a_scale, torch.float32)
-    check_dtype(op, "w", w, formats.gemm_layout_dtype())
-    check_rank(op, "w", w, 3, "[E, N, K // 8] from w4a8::encode_and_reorder_int4b_grouped")
-    check_contiguous(op, "w", w)
     check_dtype(op, "expert_offsets", expert_offsets, torch.int64)
     check_same_device(op, a=a, a_scale=a_scale, w=w, w_scale=w_scale, w_chan_scale=w_chan_scale,
                       expert_offsets=expert_offsets)
     R, K = a.shape
-    E, N, words = w.shape
-    if words * formats.NIBBLES_PER_WORD != K:
-        fail(op, f"a has K={K} but w holds K={words * formats.NIBBLES_PER_WORD} "
-                 f"(w.shape[2] * 8); activations and weights must share K")
-    if problem := formats.group_size_problem(group_size, K):
-        fail(op, problem)
+    E, _ = _check_gemm_weights(op, w, w_scale, w_chan_scale, K, group_size, "a",
+                               "[E, N, K // 8] from w4a8::encode_and_reorder_int4b_grouped")
     check_shape(op, "a_scale", a_scale, (R, 1), "[R, 1] fp32 per-row scales")
-    check_shape(op, "expert_offsets", expert_offsets, (E + 1,), "[E + 1] int64 cumulative row offsets")
-    if w_chan_scale is None:
-        check_dtype(op, "w_scale", w_scale, torch.bfloat16)
-    else:
-        check_dtype(op, "w_scale", w_scale, FP8)
-        check_dtype(op, "w_chan_scale", w_chan_scale, torch.float32)
-        check_shape(op, "w_chan_scale", w_chan_scale, (E, N, 1), "[E, N, 1] fp32 channel scales")
-        check_contiguous(op, "w_chan_scale", w_chan_scale)
-    check_shape(op, "w_scale", w_scale, (E, N, K // group_size), "[E, N, K // group_size] group scales")
-    check_contiguous(op, "w_scale", w_scale)
     check_contiguous(op, "a_scale", a_scale)
+    check_shape(op, "expert_offsets", expert_offsets, (E + 1,), "[E + 1] int64 cumulative row offsets")
 
 
 def _check_offset_values(op: str, offsets: Tensor, total: int, what: str = "rows") -> None:
@@ -601,28 +610,11 @@ def _check_linear(x: Tensor, w: Tensor, w_scale: Tensor, w_chan_scale: Tensor | 
     check_dtype(op, "x", x, torch.bfloat16)
     check_rank(op, "x", x, 2, "[T, K] bf16 tokens")
     check_contiguous(op, "x", x)
-    check_dtype(op, "w", w, formats.gemm_layout_dtype())
-    check_rank(op, "w", w, 3, "[1, N, K // 8] from w4a8::encode_and_reorder_int4b_grouped")
-    check_contiguous(op, "w", w)
     check_same_device(op, x=x, w=w, w_scale=w_scale, w_chan_scale=w_chan_scale)
-    T, K = x.shape
-    E, N, words = w.shape
-    if E != 1:
-        fail(op, f"w holds {E} experts; a linear layer's weight is one [1, N, K // 8] matrix")
-    if words * formats.NIBBLES_PER_WORD != K:
-        fail(op, f"x has K={K} features but w holds K={words * formats.NIBBLES_PER_WORD} "
-                 f"(w.shape[2] * 8); they must match")
-    if problem := formats.group_size_problem(group_size, K):
-        fail(op, problem)
-    if w_chan_scale is None:
-        check_dtype(op, "w_scale", w_scale, torch.bfloat16)
-    else:
-        check_dtype(op, "w_scale", w_scale, FP8)
-        check_dtype(op, "w_chan_scale", w_chan_scale, torch.float32)
-        check_shape(op, "w_chan_scale", w_chan_scale, (1, N, 1), "[1, N, 1] fp32 channel scales")
-        check_contiguous(op, "w_chan_scale", w_chan_scale)
-    check_shape(op, "w_scale", w_scale, (1, N, K // group_size), "[1, N, K // group_size] group scales")
-    check_contiguous(op, "w_scale", w_scale)
+    if w.dim() == 3 and w.shape[0] != 1:
+        fail(op, f"w holds {w.shape[0]} experts; a linear layer's weight is one [1, N, K // 8] matrix")
+    _check_gemm_weights(op, w, w_scale, w_chan_scale, x.shape[1], group_size, "x",
+                        "[1, N, K // 8] from w4a8::encode_and_reorder_int4b_grouped")
 
 
 def _single_expert_offsets(T: int, device) -> Tensor:
@@ -647,9 +639,8 @@ def _(x, w, w_scale, w_chan_scale, group_size):
 def _(x, w, w_scale, w_chan_scale, group_size):
     _check_linear(x, w, w_scale, w_chan_scale, group_size)
     xq, x_scale = formats.quantize_fp8_per_token(x)
-    q = formats.decode_gemm_layout(w)
-    return reference.grouped_gemm(xq, x_scale, q, w_scale, w_chan_scale,
-                                  _single_expert_offsets(x.shape[0], x.device), group_size).to(torch.bfloat16)
+    return grouped_gemm_cpu_math(xq, x_scale, w, w_scale, w_chan_scale,
+                                 _single_expert_offsets(x.shape[0], x.device), group_size)
 
 
 def linear_triton(x: Tensor, w: Tensor, w_scale: Tensor, w_chan_scale: Tensor | None, group_size: int) -> Tensor:
