@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from inductor_w4a8 import cli
+
 
 def tiny_checkpoint(out: Path) -> Path:
     import transformers
@@ -48,14 +50,19 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--compile", action="store_true", help="torch.compile(model.forward, backend='w4a8')")
     args = p.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("--device cuda needs a CUDA GPU; use --device cpu")
-        return 1
+    device = cli.device_or_exit(p.prog, args.device)
+    if args.path is not None and not Path(args.path).is_dir():
+        cli.exit_usage(p.prog, f"{args.path} is not a checkpoint directory (a folder with config.json "
+                               f"and safetensors); omit it to write a tiny one")
     import inductor_w4a8 as w4a8
+    from inductor_w4a8.moe_builder import W4A8CheckpointError
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.path) if args.path else tiny_checkpoint(Path(tmp) / "w4a8")
         t0 = time.perf_counter()
-        model = w4a8.from_pretrained(path, device=args.device)
+        try:
+            model = w4a8.from_pretrained(path, device=device)
+        except W4A8CheckpointError as exc:  # a checkpoint we cannot run: say why in one line
+            cli.exit_usage(p.prog, str(exc).splitlines()[0])
         kinds = {}
         for m in model.modules():
             kinds[type(m).__name__] = kinds.get(type(m).__name__, 0) + 1
@@ -64,7 +71,7 @@ def main(argv=None) -> int:
               f"{kinds.get('Linear', 0)} bf16 Linear")
         if args.compile:
             model.forward = torch.compile(model.forward, backend="w4a8", dynamic=True)
-        ids = torch.arange(1, 9, device=args.device).reshape(1, 8)
+        ids = torch.arange(1, 9, device=device).reshape(1, 8)
         t0 = time.perf_counter()
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
                              min_new_tokens=8, pad_token_id=0)

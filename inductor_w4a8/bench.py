@@ -63,7 +63,7 @@ class Weights:
 
 
 def random_weights(E: int, N: int, K: int, group_size: int, device) -> Weights:
-    """Random layout-v2 weights (any int32 is a valid word) and positive group scales."""
+    """Random GEMM-layout weights (any int32 is a valid word) and positive group scales."""
     w = torch.randint(-2**31, 2**31 - 1, (E, N, K // 8), dtype=torch.int32, device=device)
     s = (torch.rand(E, N, K // group_size, device=device) * 0.01 + 0.002).to(torch.bfloat16)
     s8, chan = formats.convert_bf16_scales_to_fp8(s)

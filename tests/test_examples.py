@@ -50,6 +50,14 @@ def test_every_example_is_covered():
     assert {p.name for p in EXAMPLES.glob("*.py")} == covered
 
 
+def run_ok(p, *needles):
+    """p (a run_example / call_example result) exited 0 and printed every needle on stdout."""
+    assert p.returncode == 0, p.stderr[-3000:]
+    for needle in needles:
+        assert needle in p.stdout, needle
+    return p
+
+
 def assert_one_line_refusal(p, *needles):
     assert p.returncode == 2, (p.returncode, p.stderr)
     assert "Traceback" not in p.stderr
@@ -84,7 +92,7 @@ def test_gpu_only_script_help_runs_anywhere(name, capsys):
 
 
 @no_gpu
-@pytest.mark.parametrize("name", ["serve_loop.py", "transformers_moe.py"])
+@pytest.mark.parametrize("name", ["serve_loop.py", "transformers_moe.py", "from_pretrained.py"])
 def test_asking_for_cuda_on_cpu_is_one_line(name, capsys):
     p = call_example(capsys, name, "--device", "cuda")
     assert_one_line_refusal(p, "--device cuda", "no CUDA GPU")
@@ -110,28 +118,20 @@ def test_bad_output_folder_is_refused_first(under, tmp_path, capsys):
 @no_gpu
 def test_serve_loop_cpu_default():
     """No options on CPU: the small layer, 8 steps, 64 tokens per step (was: the GLM layer, OOM)."""
-    p = run_example("serve_loop.py")
-    assert p.returncode == 0, p.stderr[-3000:]
-    out = p.stdout
-    assert "layer small on cpu: 8 batches" in out
-    assert "all 8 batches match eager (worst relative error 0.00e+00)" in out
-    for step in ("building the small layer", "compiling and warming up 11 sizes", "checked 8/8 batches"):
-        assert step in out, step
+    p = run_ok(run_example("serve_loop.py"), "layer small on cpu: 8 batches",
+               "all 8 batches match eager (worst relative error 0.00e+00)", "building the small layer",
+               "compiling and warming up 11 sizes", "checked 8/8 batches", "eager:", "compiled:",
+               "compiled+graphs:")
     assert "w4a8: warming up (no CUDA graphs)" in p.stderr          # the runner's progress
-    for path_name in ("eager:", "compiled:", "compiled+graphs:"):
-        assert path_name in out
 
 
 @no_gpu
 def test_transformers_moe_cpu_default():
-    p = run_example("transformers_moe.py")
-    assert p.returncode == 0, p.stderr[-3000:]
-    out = p.stdout
-    assert "qwen3_moe: replaced 2 MoE blocks" in out
+    p = run_ok(run_example("transformers_moe.py"), "qwen3_moe: replaced 2 MoE blocks",
+               "greedy tokens equal to bf16:")
     cosines = [float(line.split("cosine vs bf16 ")[1].split(",")[0])
-               for line in out.splitlines() if "logits cosine vs bf16" in line]
+               for line in p.stdout.splitlines() if "logits cosine vs bf16" in line]
     assert len(cosines) == 2 and min(cosines) > 0.99      # int4 RTN of random weights: ~0.999
-    assert "greedy tokens equal to bf16:" in out
 
 
 def test_profile_eager_stub_runs_on_cpu():
@@ -143,9 +143,17 @@ def test_profile_eager_stub_runs_on_cpu():
 
 @no_gpu
 def test_from_pretrained_cpu_default(capsys):
-    p = call_example(capsys, "from_pretrained.py")
-    assert p.returncode == 0, p.stderr
-    assert "W4A8 MoE blocks" in p.stdout and "generate: [" in p.stdout
+    run_ok(call_example(capsys, "from_pretrained.py"), "W4A8 MoE blocks", "generate: [")
+
+
+@pytest.mark.parametrize("case", ["not-a-folder", "not-a-checkpoint", "bad-device"])
+def test_from_pretrained_example_refuses_in_one_line(case, tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"model_type": "qwen3_moe"}')   # no quantization_config
+    args = {"not-a-folder": [str(tmp_path / "missing")], "not-a-checkpoint": [str(tmp_path)],
+            "bad-device": ["--device", "cpux"]}[case]
+    p = call_example(capsys, "from_pretrained.py", *args)
+    assert_one_line_refusal(p, {"not-a-folder": "is not a checkpoint directory",
+                                "not-a-checkpoint": "no quantization_config", "bad-device": "--device 'cpux'"}[case])
 
 
 def test_benchmark_wrapper_passes_arguments_on(capsys, monkeypatch):

