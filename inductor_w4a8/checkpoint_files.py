@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .moe_builder import W4A8CheckpointError
+from .checks import W4A8CheckpointError
 
 __all__ = ["CONFIG_NAME", "INDEX_NAME", "SINGLE_FILE_NAME", "read_config", "CheckpointFiles"]
 

@@ -22,6 +22,10 @@ class W4A8InputError(ValueError):
     """Raised for an input the W4A8 ops refuse; the message names the argument and the fix."""
 
 
+class W4A8CheckpointError(ValueError):
+    """A checkpoint that is not W4A8 compressed-tensors, or whose tensors do not fit together."""
+
+
 def fail(op: str, message: str) -> None:
     raise W4A8InputError(f"w4a8::{op}: {message}")
 

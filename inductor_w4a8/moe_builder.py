@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import formats
+from .checks import W4A8CheckpointError
 from .moe import W4A8MoE
 from .tp import (IntermediateShard, TensorParallelW4A8MoE, intermediate_shard, process_on_side_stream,
                  shard_expert_weights)
@@ -30,10 +31,6 @@ __all__ = ["W4A8CheckpointError", "ROUTING_ATTRIBUTES", "build_w4a8_moe", "quant
            "shard_w4a8_moe", "tensor_parallel_moe", "process_group_rank"]
 
 ROUTING_ATTRIBUTES = ("top_k", "scoring", "renormalize", "n_group", "topk_group", "routed_scaling_factor")
-
-
-class W4A8CheckpointError(ValueError):
-    """A checkpoint that is not W4A8 compressed-tensors, or whose tensors do not fit together."""
 
 
 def process_group_rank(process_group) -> tuple[int, int]:

@@ -30,7 +30,7 @@ from .checkpoint_files import CheckpointFiles, read_config
 from .hf import find_moe_blocks, moe_routing_of, w4a8_block
 from .linear import W4A8Linear
 from .moe_builder import W4A8CheckpointError, build_w4a8_moe, process_group_rank
-from .quant_config import module_scheme, quantization_section
+from .quant_config import check_every_group_is_w4a8, module_scheme, quantization_section
 from .weights import (BIAS_SUFFIXES, classify_expert_keys, expert_layer_scheme, natural_key,
                       read_expert_layer, read_linear)
 
@@ -227,6 +227,7 @@ def from_pretrained(path, *, device=None, scale_mode: str | None = None, process
     path = Path(path)
     config_dict = read_config(path)
     qc = quantization_section(config_dict)
+    check_every_group_is_w4a8(qc)       # a group we cannot run fails now, before any layer loads
     model = _model_on_meta(path, config_dict)
     names = _Names(model)
     consumed: set = set()

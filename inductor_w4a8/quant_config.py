@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 from . import formats
-from .moe_builder import W4A8CheckpointError
+from .checks import W4A8CheckpointError
 
 __all__ = ["W4A8QuantConfig", "SUPPORTED_FORMATS", "quantization_config_dict", "quantization_section",
-           "module_scheme", "module_is_w4a8", "parse_quantization_config", "module_matches"]
+           "module_scheme", "module_is_w4a8", "check_every_group_is_w4a8", "parse_quantization_config", "module_matches"]
 
 SUPPORTED_FORMATS = ("pack-quantized", "int-quantized")
 
@@ -150,6 +150,14 @@ def _as_w4a8(qc: Mapping, gname: str, group: Mapping, what: str) -> W4A8QuantCon
     return W4A8QuantConfig(group_size=int(group["weights"]["group_size"]), group_name=gname,
                            targets=tuple(group.get("targets") or ()), ignore=tuple(qc.get("ignore") or ()),
                            format=fmt)
+
+
+def check_every_group_is_w4a8(qc: Mapping) -> None:
+    """W4A8CheckpointError naming the first config group that quantizes something other than
+    W4A8: for a whole model, refused before any module is read (nothing half-loaded)."""
+    for gname, group in qc["config_groups"].items():
+        if not _quantizes_nothing(group):
+            _as_w4a8(qc, gname, group, f" (targets {list(group.get('targets') or [])})")
 
 
 def module_scheme(qc: Mapping, name: str, class_name: str = "Linear") -> W4A8QuantConfig | None:

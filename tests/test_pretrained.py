@@ -168,8 +168,14 @@ def _with_config(path, edit):
     (path / "config.json").write_text(json.dumps(cfg))
 
 
-def test_an_unsupported_scheme_is_refused_with_what_was_found(tmp_path):
+def test_an_unsupported_scheme_is_refused_with_what_was_found(tmp_path, monkeypatch):
+    """Refused from the config, before any layer is read or post-processed (kernels launched)."""
     path = save_w4a8_model(tiny_model("qwen3_moe"), tmp_path, attention_group_size=64)
+    from inductor_w4a8 import pretrained
+
+    def no_layer(*args, **kwargs):
+        raise AssertionError("an MoE layer was built before the bad config group was refused")
+    monkeypatch.setattr(pretrained, "build_w4a8_moe", no_layer)
 
     def int8_attention(cfg):
         group = cfg["quantization_config"]["config_groups"]["group_1"]
