@@ -24,11 +24,14 @@ EXPERTS_TARGET = r"re:.*\.experts\.\d+\.(gate_proj|up_proj|down_proj)$"
 ATTENTION_TARGET = r"re:.*self_attn\.[a-z_]*proj[a-z_]*$"
 
 
-def _attention_linears(model: nn.Module, group_size: int) -> dict:
+def _attention_linears(model: nn.Module, group_size: int) -> tuple[dict, list[str]]:
+    """(the attention projections quantized in groups of group_size, the names of those whose K is
+    not a multiple of it: written bf16 and listed in the config's ignore, so readers know)."""
     from .quant_config import module_matches
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and module_matches(name, [ATTENTION_TARGET], "")
-            and m.in_features % group_size == 0}
+    matched = {name: m for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and module_matches(name, [ATTENTION_TARGET], "")}
+    kept = {name: m for name, m in matched.items() if m.in_features % group_size == 0}
+    return kept, [name for name in matched if name not in kept]
 
 
 def save_w4a8_model(model: nn.Module, path, *, group_size: int = 128, format: str = "pack-quantized",
@@ -39,6 +42,12 @@ def save_w4a8_model(model: nn.Module, path, *, group_size: int = 128, format: st
     attention projections, in group_1 with this group size (None: attention stays bf16).
     format: "pack-quantized" or "int-quantized". Returns the directory.
     """
+    from .linear import W4A8Linear
+    from .moe import W4A8MoE
+    done = next((name for name, m in model.named_modules() if isinstance(m, (W4A8MoE, W4A8Linear))), None)
+    if done is not None:
+        raise ValueError(f"save_w4a8_model: {done or 'the model'} is already W4A8 (patched or loaded "
+                         f"with from_pretrained); pass the bf16 model it came from")
     path = Path(path)
     state = {k: v for k, v in model.state_dict().items()}
     experts_of = {name: block for name, block in find_moe_blocks(model)}
@@ -53,7 +62,8 @@ def save_w4a8_model(model: nn.Module, path, *, group_size: int = 128, format: st
                                                       w.shape[-1], format))
     qc = quantization_config_dict(group_size, targets=[EXPERTS_TARGET], ignore=["lm_head"], format=format)
     if attention_group_size is not None:
-        linears = _attention_linears(model, attention_group_size)
+        linears, left_bf16 = _attention_linears(model, attention_group_size)
+        qc["ignore"] = list(qc.get("ignore") or []) + left_bf16
         for name, lin in linears.items():
             del state[f"{name}.weight"]
             packed, scale = formats.quantize_w4(lin.weight.detach().to(torch.bfloat16), attention_group_size)

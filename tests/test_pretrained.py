@@ -311,3 +311,26 @@ def test_bad_arguments_refused_before_any_file_is_read(tmp_path, kwargs, match):
     """The path does not even exist: an argument error must come first, naming the argument."""
     with pytest.raises((w4a8.W4A8InputError, RuntimeError), match=match):
         w4a8.from_pretrained(tmp_path / "missing", **kwargs)
+
+
+def test_writer_lists_attention_it_could_not_group_in_ignore(tmp_path):
+    """o_proj's K (4 heads x 16 = 64) is not a multiple of the attention group size 128: it is
+    written bf16 and named in the config's ignore, so from_pretrained reads the file as written."""
+    from pretrained_utils import COMMON, SIZES
+    from tiny_models import tiny_moe_model
+    model = tiny_moe_model("qwen3_moe", COMMON, {"qwen3_moe": {**SIZES["qwen3_moe"], "head_dim": 16}})
+    path = save_w4a8_model(model, tmp_path, attention_group_size=128)
+    ignore = json.loads((path / "config.json").read_text())["quantization_config"]["ignore"]
+    assert "model.layers.0.self_attn.o_proj" in ignore and "model.layers.0.self_attn.q_proj" not in ignore
+    loaded = w4a8.from_pretrained(path)
+    attn = loaded.model.layers[0].self_attn
+    assert isinstance(attn.q_proj, w4a8.W4A8Linear) and type(attn.o_proj) is torch.nn.Linear
+    assert torch.equal(attn.o_proj.weight, model.model.layers[0].self_attn.o_proj.weight)
+
+
+def test_writer_refuses_a_model_that_is_already_w4a8(tmp_path):
+    model = tiny_model("qwen3_moe")
+    w4a8.patch_moe(model)
+    with pytest.raises(ValueError, match="already W4A8.*pass the bf16 model"):
+        save_w4a8_model(model, tmp_path)
+    assert not any(tmp_path.iterdir())                       # nothing written
