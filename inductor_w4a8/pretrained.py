@@ -92,6 +92,11 @@ def _assign(model: nn.Module, module_name: str, attr: str, value: torch.Tensor, 
     if tuple(current.shape) != tuple(value.shape):
         raise W4A8CheckpointError(f"{key} has shape {tuple(value.shape)} but the model's "
                                   f"{module_name}.{attr} is {tuple(current.shape)}")
+    if value.dtype != current.dtype:
+        if not (value.is_floating_point() and current.is_floating_point()):
+            raise W4A8CheckpointError(f"{key} has dtype {value.dtype} but the model's {module_name}.{attr} "
+                                      f"is {current.dtype}")
+        value = value.to(current.dtype)   # the model runs in bf16 (as transformers casts to its dtype)
     if attr in module._parameters:
         module._parameters[attr] = nn.Parameter(value, requires_grad=False)
     else:

@@ -334,3 +334,16 @@ def test_writer_refuses_a_model_that_is_already_w4a8(tmp_path):
     with pytest.raises(ValueError, match="already W4A8.*pass the bf16 model"):
         save_w4a8_model(model, tmp_path)
     assert not any(tmp_path.iterdir())                       # nothing written
+
+
+def test_an_fp32_checkpoint_loads_as_a_bf16_model(tmp_path):
+    """Norms and embeddings stored fp32 are cast to the model's bf16 (as transformers does), so
+    the W4A8 linears get bf16 activations; the experts' scales are bf16 by the writer."""
+    model = tiny_model("qwen3_moe").float()
+    path = save_w4a8_model(model, tmp_path, attention_group_size=64)
+    loaded = w4a8.from_pretrained(path)
+    assert {p.dtype for n, p in loaded.named_parameters() if p.is_floating_point() and "norm" in n} == {torch.bfloat16}
+    ids = prompts()[:1, :6]
+    with torch.no_grad():
+        logits = loaded(ids).logits
+    assert logits.dtype == torch.bfloat16 and bool(torch.isfinite(logits).all())
