@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from inductor_w4a8.cli import require_cuda
+from inductor_w4a8.cli import output_file, positive_int, require_cuda
 import torch.nn.functional as F
 
 SHAPES = {"q_proj": (12288, 5120), "k_proj": (1024, 5120), "v_proj": (1024, 5120), "o_proj": (5120, 12288)}
@@ -21,9 +21,9 @@ SHAPES = {"q_proj": (12288, 5120), "k_proj": (1024, 5120), "v_proj": (1024, 5120
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="bench_linear.py", description=__doc__.splitlines()[0])
-    p.add_argument("--tokens", type=int, nargs="+", default=[1, 8192], help="token counts to time")
+    p.add_argument("--tokens", type=positive_int, nargs="+", default=[1, 8192], help="token counts to time")
     p.add_argument("--scale-mode", choices=["exact", "fp8"], default="exact", help="W4A8Linear scale mode")
-    p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--json", type=output_file, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     require_cuda("bench_linear.py")
     import inductor_w4a8 as w4a8

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from test_grouped_gemm import make_case, poisoned_out, ref_of  # noqa: E402
 
 from inductor_w4a8 import bench  # noqa: E402
-from inductor_w4a8.cli import require_cuda  # noqa: E402
+from inductor_w4a8.cli import output_dir, require_cuda  # noqa: E402
 from inductor_w4a8.launch import grouped_gemm as launcher  # noqa: E402
 from inductor_w4a8.launch.gemm_tiles import WGMMA_TILE, GemmTile, choose_tile  # noqa: E402
 from inductor_w4a8.testing import GEMM_TOL_GPU, rel_error  # noqa: E402
@@ -85,7 +85,8 @@ def timings(log, m_list=(1, 64, 256, 1024, 4096, 8192)):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="bench_wgmma_gemm.py", description=__doc__.splitlines()[0])
-    p.add_argument("out_dir", nargs="?", default=".", help="where wgmma_bench.json goes (default: .)")
+    p.add_argument("out_dir", nargs="?", type=output_dir, default=".",
+                   help="where wgmma_bench.json goes (default: .)")
     out_dir = p.parse_args(argv).out_dir
     require_cuda("bench_wgmma_gemm.py")
     lines = []
@@ -96,6 +97,7 @@ def main(argv=None) -> int:
     log(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
     ok = check(log)
     rows = timings(log)
+    out_dir.mkdir(parents=True, exist_ok=True)
     with open(os.path.join(out_dir, "wgmma_bench.json"), "w") as f:
         json.dump({"checks_ok": ok, "rows": rows, "log": lines}, f, indent=1)
     return 0 if ok else 1

@@ -28,7 +28,7 @@ import torch
 
 import inductor_w4a8 as w4a8
 from inductor_w4a8 import value_checks
-from inductor_w4a8.cli import output_dir, require_cuda
+from inductor_w4a8.cli import output_dir, positive_int, require_cuda
 from inductor_w4a8.cudagraph import CUDAGraphRunner
 from inductor_w4a8.testing import random_checkpoint_
 
@@ -166,12 +166,12 @@ def memcheck(args) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="graph_report.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--max-tokens", type=int, default=8192, help="largest capture size")
-    p.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 8192], help="token counts timed")
+    p.add_argument("--max-tokens", type=positive_int, default=8192, help="largest capture size")
+    p.add_argument("--tokens", type=positive_int, nargs="+", default=[1, 64, 8192], help="token counts timed")
     p.add_argument("--gemm", choices=("triton", "extern"), default="triton",
                    help="grouped GEMM in compiled code: our Triton lowering or the extern op")
     p.add_argument("--fuse", default="default", help="w4a8.fuse option: default, none or all")
-    p.add_argument("--reps", type=int, default=50, help="timed replays per measurement (median)")
+    p.add_argument("--reps", type=positive_int, default=50, help="timed replays per measurement (median)")
     p.add_argument("--out", type=output_dir, default=os.environ.get("OUT", "."),
                    help="folder of the JSON report (default: $OUT, else the current folder)")
     p.add_argument("--kernels", action="store_true", help="list each kernel of eager and compiled")

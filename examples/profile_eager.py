@@ -25,14 +25,13 @@ import time
 
 import torch
 
-from inductor_w4a8.cli import require_cuda
+from inductor_w4a8.cli import positive_int, require_cuda
 
 import inductor_w4a8 as w4a8
 from inductor_w4a8 import eager, ops, testing
+from inductor_w4a8.bench_block import GLM  # the benchmark's GLM-4.6 layer
 from inductor_w4a8.launch import _common
 
-GLM = dict(num_experts=160, top_k=8, hidden_size=5120, intermediate_size=1536, group_size=128,
-           scoring="sigmoid", n_group=1, topk_group=1, routed_scaling_factor=2.5)
 SMALL = dict(num_experts=16, top_k=4, hidden_size=256, intermediate_size=128, group_size=64,
              scoring="sigmoid", n_group=1, topk_group=1, routed_scaling_factor=2.5)
 
@@ -113,10 +112,10 @@ def per_op_rows(layer, x, logits, device, reps):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="profile_eager.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, nargs="*", default=[1, 64, 8192])
-    p.add_argument("--reps", type=int, default=200)
+    p.add_argument("--tokens", type=positive_int, nargs="*", default=[1, 64, 8192])
+    p.add_argument("--reps", type=positive_int, default=200)
     p.add_argument("--stub", action="store_true", help="CPU: small block, math stubbed out")
-    p.add_argument("--top", type=int, default=25, help="cProfile entries to print")
+    p.add_argument("--top", type=positive_int, default=25, help="cProfile entries to print")
     args = p.parse_args(argv)
     if not args.stub:   # the real block needs the GPU; --stub is the CPU run
         require_cuda("profile_eager.py", "profiling without --stub")

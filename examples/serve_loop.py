@@ -25,13 +25,13 @@ import torch
 
 import inductor_w4a8 as w4a8
 from inductor_w4a8 import value_checks
-from inductor_w4a8.cli import device_or_exit, exit_usage
+from inductor_w4a8.bench_block import GLM
+from inductor_w4a8.cli import device_or_exit, exit_usage, positive_int
 from inductor_w4a8.cudagraph import CUDAGraphRunner
 from inductor_w4a8.testing import random_checkpoint_
 
 LAYERS = {
-    "glm": dict(num_experts=160, top_k=8, hidden_size=5120, intermediate_size=1536, group_size=128,
-                scoring="sigmoid", n_group=1, topk_group=1, routed_scaling_factor=2.5),
+    "glm": GLM,                           # the benchmark's GLM-4.6 layer
     "small": dict(num_experts=16, top_k=4, hidden_size=256, intermediate_size=128, group_size=64),
 }
 # (layer, steps, max tokens) when not given: GPU-sized and CPU-sized
@@ -87,8 +87,8 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layer", choices=sorted(LAYERS), default=None,
                    help="layer shape (default: glm on a GPU, small on CPU)")
-    p.add_argument("--steps", type=int, default=None, help="scheduler steps (default: 200 GPU, 8 CPU)")
-    p.add_argument("--max-tokens", type=int, default=None,
+    p.add_argument("--steps", type=positive_int, default=None, help="scheduler steps (default: 200 GPU, 8 CPU)")
+    p.add_argument("--max-tokens", type=positive_int, default=None,
                    help="token budget per step, max_num_batched_tokens (default: 8192 GPU, 64 CPU)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--gemm", choices=("triton", "extern"), default="triton",
@@ -101,8 +101,6 @@ def parse_args(argv):
     args.layer = args.layer or layer
     args.steps = steps if args.steps is None else args.steps
     args.max_tokens = max_tokens if args.max_tokens is None else args.max_tokens
-    if args.steps < 1 or args.max_tokens < 1:
-        exit_usage(p.prog, f"--steps {args.steps} and --max-tokens {args.max_tokens} must be >= 1")
     if args.layer == "glm" and args.device.type != "cuda":
         exit_usage(p.prog, "--layer glm needs a GPU (its CPU reference kernels need tens of GB and "
                            "hours); use --layer small on CPU")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import inductor_w4a8  # noqa: F401  (registers the ops)
-from inductor_w4a8.cli import require_cuda
+from inductor_w4a8.cli import positive_int, require_cuda
 from inductor_w4a8.postprocess import process_weights_after_loading
 
 ops = torch.ops.w4a8
@@ -50,8 +50,8 @@ def time_ms(fn, repeats, setup=lambda: None):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="time_postprocess.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median, min)")
-    parser.add_argument("--experts", type=int, default=160, help="experts in the layer (GLM-4.6: 160)")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed runs per measurement (median, min)")
+    parser.add_argument("--experts", type=positive_int, default=160, help="experts in the layer (GLM-4.6: 160)")
     args = parser.parse_args(argv)
     require_cuda(parser.prog, "timing GPU post-processing")
     E, H, I, G = args.experts, 5120, 1536, 128

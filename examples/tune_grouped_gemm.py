@@ -23,7 +23,7 @@ import torch
 
 import inductor_w4a8  # noqa: F401
 from inductor_w4a8 import bench, formats
-from inductor_w4a8.cli import output_dir, require_cuda
+from inductor_w4a8.cli import output_dir, positive_int, require_cuda
 from inductor_w4a8.launch import grouped_gemm as gg
 from inductor_w4a8.launch.gemm_tiles import GemmTile, choose_tile
 
@@ -194,14 +194,14 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help=f"small correctness cases only, M in {QUICK_M} (unless --m), --rep 20 (unless --rep)")
-    p.add_argument("--m", type=int, nargs="*", default=None,
+    p.add_argument("--m", type=positive_int, nargs="*", default=None,
                    help="token counts M timed (default: 1 16 64 256 1024 4096 8192)")
     p.add_argument("--variants", nargs="*", default=[],
                    help="extra tiles to time, each as block_m,block_n,num_warps,num_stages,"
                         "programs_per_sm[,groups_per_step] (GemmTile's fields)")
     p.add_argument("--skip-check", action="store_true", help="skip the correctness checks")
     p.add_argument("--no-fbgemm", action="store_true", help="do not time FBGEMM beside ours")
-    p.add_argument("--rep", type=int, default=None, help="do_bench repetitions (default: 100)")
+    p.add_argument("--rep", type=positive_int, default=None, help="do_bench repetitions (default: 100)")
     p.add_argument("--out", type=output_dir, default=os.environ.get("OUT") or None,
                    help="folder for tune_log.txt and the TTGIR / SASS files (default: $OUT when set, "
                         "else none); written only when the run succeeds")

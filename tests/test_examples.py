@@ -203,3 +203,11 @@ def test_serve_loop_short_on_gpu():
     p = run_example("serve_loop.py", "--steps", "20", "--max-tokens", "1024")
     assert p.returncode == 0, p.stderr[-3000:]
     assert "layer glm on cuda: 20 batches" in p.stdout and "all 20 batches match eager" in p.stdout
+
+
+@pytest.mark.parametrize("name,args", [("serve_loop.py", ["--steps", "0"]), ("graph_report.py", ["--reps", "0"]),
+                                       ("profile_eager.py", ["--reps", "-3"]), ("bench_linear.py", ["--tokens", "0"]),
+                                       ("tune_grouped_gemm.py", ["--m", "x"]), ("time_postprocess.py", ["--experts", "0"])])
+def test_a_count_below_one_is_refused_by_argparse(name, args, capsys):
+    p = call_example(capsys, name, *args)
+    assert p.returncode == 2 and f"argument {args[0]}" in p.stderr and "must be a positive integer" in p.stderr
