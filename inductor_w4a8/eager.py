@@ -83,24 +83,26 @@ def _observed() -> bool:
 
 
 _dispatch_observed = None
+CALL_OPS = (None, None, False)
 
 
 def direct_kernels(moe, hidden_states, router_logits):
-    """(kernels, key) for W4A8MoE.forward: kernels is a namespace with the ops' names, or None
-    (call torch.ops.w4a8); key, when not None, is to be passed to `remember_checked` once the
-    forward succeeded with these (checked) kernels."""
+    """(kernels, key, checked) for W4A8MoE.forward. kernels: a namespace with the ops' names, or
+    None (call torch.ops.w4a8). key: what the ops' checks read (None when kernels is None or the
+    value checks are on). checked: kernels are the checked ones; pass key to `remember_checked`
+    once the forward succeeded with them, so that later calls with this key run unchecked."""
     if not getattr(_state, "enabled", _DEFAULT) or torch.compiler.is_compiling():
-        return None, None
+        return CALL_OPS
     if type(hidden_states) is not torch.Tensor or type(router_logits) is not torch.Tensor:
-        return None, None
+        return CALL_OPS
     device = hidden_states.device
     if device.type not in ("cpu", "cuda") or _observed():
-        return None, None
+        return CALL_OPS
     if torch.is_grad_enabled() and (hidden_states.requires_grad or router_logits.requires_grad):
-        return None, None
+        return CALL_OPS
     checked, unchecked = _table(device.type)
     if value_checks_enabled(hidden_states):
-        return checked, None
+        return checked, None, True
     # everything the ops' checks read: the inputs' shapes, dtypes and devices; each parameter by
     # identity, shape, dtype, device and strides (replaced -- a freed one's id can come back --
     # or converted in place: module.to() keeps the Parameter object); the module's settings the
@@ -112,8 +114,8 @@ def direct_kernels(moe, hidden_states, router_logits):
     key = (hidden_states.shape, router_logits.shape, hidden_states.dtype, router_logits.dtype,
            device, router_logits.device, params, settings)
     if key in moe.__dict__.get(CHECKED_ATTR, ()):
-        return unchecked, None
-    return checked, key
+        return unchecked, key, False
+    return checked, key, True
 
 
 def remember_checked(moe, key) -> None:

@@ -209,7 +209,7 @@ def quantize_w4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.T
     K = w.shape[-1]
     check_group_size(K, group_size)
     wg = w.float().reshape(*w.shape[:-1], K // group_size, group_size)
-    scale = (wg.abs().amax(dim=-1) / W4_SCALE_DIVISOR).to(torch.bfloat16)
+    scale = divide_exactly(wg.abs().amax(dim=-1), W4_SCALE_DIVISOR).to(torch.bfloat16)
     s = scale.float().unsqueeze(-1)
     safe = torch.where(s == 0, torch.ones_like(s), s)
     q = torch.clamp(torch.round(wg / safe), INT4_MIN, INT4_MAX).reshape(w.shape)
@@ -237,9 +237,17 @@ def effective_group_scales(w_scale: torch.Tensor, w_chan_scale: torch.Tensor | N
 # --------------------------------------------------------------------------------------------
 # fp8 math: scale conversion (vLLM's contract) and per-token activation quantization
 # --------------------------------------------------------------------------------------------
+def divide_exactly(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """x / divisor, IEEE-rounded on every device. torch on CUDA multiplies by the reciprocal when
+    the divisor is a Python number, one ulp off the true quotient for some x (amax = 3.875:
+    3.875 * (1 / 448) != 3.875 / 448 in fp32), and an fp8 rounding tie then flips many elements
+    of a row; a 0-dim tensor divisor is divided truly everywhere (and by the kernels' div_rn)."""
+    return x / x.new_full((), divisor)
+
+
 def fp8_row_scale(amax: torch.Tensor) -> torch.Tensor:
-    """fp32 amax -> fp32 scale = max(amax / 448, FP8_MIN_SCALE)."""
-    return torch.clamp(amax.float() / FP8_MAX, min=FP8_MIN_SCALE)
+    """fp32 amax -> fp32 scale = max(amax / 448, FP8_MIN_SCALE), true division on every device."""
+    return torch.clamp(divide_exactly(amax.float(), FP8_MAX), min=FP8_MIN_SCALE)
 
 
 def quantize_fp8_rows(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -18,12 +18,13 @@ It runs on CPU (the ops' CPU kernels), CUDA (Triton) and meta tensors (the fake 
 """
 from __future__ import annotations
 
+import functools
 import numbers
 
 import torch
 from torch import nn
 
-from . import eager, formats
+from . import eager, eager_graphs, formats
 from .checks import W4A8InputError, positive_int
 
 SCORING_FUNCTIONS = ("softmax", "sigmoid")
@@ -155,10 +156,16 @@ class W4A8MoE(nn.Module):
         """bf16 [T, H], router logits [T, E] -> bf16 [T, H]. Inference only (see __call__)."""
         if not torch.compiler.is_compiling():
             # eager with nothing watching the dispatcher: the same kernels, called directly
-            kernels, key = eager.direct_kernels(self, hidden_states, router_logits)
+            kernels, key, checked = eager.direct_kernels(self, hidden_states, router_logits)
+            if kernels is not None and not checked:
+                # decode sizes: the same unchecked kernels, replayed from a CUDA graph
+                out = eager_graphs.replay(self, functools.partial(self._run, kernels), key,
+                                          hidden_states, router_logits)
+                if out is not None:
+                    return out
             if kernels is not None:
                 out = self._run(kernels, hidden_states, router_logits)
-                if key is not None:
+                if checked and key is not None:
                     eager.remember_checked(self, key)
                 return out
         return self._run(torch.ops.w4a8, hidden_states, router_logits)

@@ -20,7 +20,7 @@ import inductor_w4a8 as w4a8
 from inductor_w4a8 import backend, formats
 from inductor_w4a8.launch import gemm_tiles
 from inductor_w4a8.lowerings import Settings
-from inductor_w4a8.lowerings.decompositions import DECOMPOSITIONS, DEFAULT_FUSED
+from inductor_w4a8.lowerings.decompositions import DEFAULT_FUSED
 from inductor_w4a8.lowerings import grouped_gemm as gemm_lowering
 from inductor_w4a8.testing import rel_error
 
@@ -370,8 +370,10 @@ def test_cuda_generated_code_holds_our_kernel():
     assert "def w4a8_grouped_gemm_kernel" in code       # ... with its source
     assert "torch.ops.w4a8.grouped_gemm.default(" not in code  # no extern fallback for it
     assert re.search(r"if (\d+\*)?s\d+ <= \d+", code)  # tile regimes as host-side branches
-    for op in DECOMPOSITIONS:   # the others stay our kernels, called from the generated code
-        assert (f"torch.ops.w4a8.{op}.default(" in code) == (op not in DEFAULT_FUSED), op
+    # the block's other ops stay our kernels, called from the generated code (none is fused by
+    # default), and the ops the block no longer calls (the two-op forms of the fusions) are absent
+    block_ops = {"select_and_sort_experts", "quantize_scatter_fp8", "silu_mul_quantize_fp8", "combine"}
+    assert extern_w4a8_calls(code) == sorted(block_ops - set(DEFAULT_FUSED))
     _, codes = run_and_get_code(torch.compile(moe, backend="w4a8", fullgraph=True,
                                               options={"w4a8.grouped_gemm": "extern"}), x, logits)
     assert "torch.ops.w4a8.grouped_gemm.default(" in "\n".join(codes)

@@ -289,6 +289,34 @@ def test_quantize_fp8_per_token_matches_numpy(T, K, seed):
     np.testing.assert_array_equal(u8(q), np_e4m3_bits(np.clip(xf / np_scale, -448, 448)))
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantize_fp8_per_token_divides_truly_on_every_device(device, seed):
+    """amax = 3.875: 3.875 * fp32(1 / 448) is one ulp above 3.875 / 448, and with that scale
+    x = 1.453125 lands just below the tie 168 (e4m3 160 instead of 176): torch on CUDA divides
+    by a Python number that way, so a row of such ties came out wrong there (found on the H200)."""
+    x = (torch.randn(4, 5120) * 1.2).clamp(-3.8, 3.8).to(torch.bfloat16)
+    x[:, 0], x[:, 1], x[:, 2] = 3.875, 1.453125, -0.181640625
+    x[3, 0] = 4.0
+    q, scale = formats.quantize_fp8_per_token(x.to(device))
+    xf = x.float().numpy()
+    np_scale = np.abs(xf).max(axis=-1, keepdims=True) / np.float32(448)
+    np.testing.assert_array_equal(scale.cpu().numpy(), np_scale)
+    np.testing.assert_array_equal(u8(q.cpu()), np_e4m3_bits(np.clip(xf / np_scale, -448, 448)))
+    assert u8(q.cpu())[0, 1] == np_e4m3_bits(np.float32([176.0]))[0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantize_w4_scales_divide_truly_on_every_device(device, seed):
+    w = (torch.randn(64, 512) * 0.05).to(torch.bfloat16)
+    packed, scale = formats.quantize_w4(w.to(device), 128)
+    np_packed, np_scale = np_quantize_w4(w.float().numpy(), 128)
+    np.testing.assert_array_equal(scale.float().cpu().numpy(), np_scale)
+    np.testing.assert_array_equal(packed.cpu().numpy(), np_packed)
+
+
 def test_quantize_fp8_per_token_every_bf16_value():
     x = every_bf16_fp8_range_row()
     q, scale = formats.quantize_fp8_per_token(x)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import inductor_w4a8 as w4a8
-from inductor_w4a8 import W4A8InputError, W4A8MoE, formats, reference
+from inductor_w4a8 import W4A8InputError, W4A8MoE, eager_graphs, formats, reference
 from inductor_w4a8 import testing
 from inductor_w4a8.testing import GEMM_TOL_GPU, rel_error
 
@@ -418,7 +418,10 @@ def test_cuda_glm_block_forward_never_synchronizes(T, seed):
         previous = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            out = layer(x, logits)
+            # the first unchecked call, then (at decode sizes) the eager graph's capture and replay
+            outs = [layer(x, logits) for _ in range(3)]
         finally:
             torch.cuda.set_sync_debug_mode(previous)
-    assert torch.equal(out, expected)
+    for out in outs:
+        assert torch.equal(out, expected)
+    assert eager_graphs.captured_keys(layer) == (1 if T <= eager_graphs.MAX_TOKENS else 0)

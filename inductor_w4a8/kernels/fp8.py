@@ -71,7 +71,7 @@ def clamp_fp8_range(x):
 
 @triton.jit
 def fp8_row_scale(amax, nan_count, MIN_SCALE: tl.constexpr):
-    """formats.fp8_row_scale: max(amax / 448, MIN_SCALE), with IEEE division as torch does;
+    """formats.fp8_row_scale: max(amax / 448, MIN_SCALE), with IEEE division as formats does;
     NaN when the row held a NaN (nan_count > 0), as torch's amax and clamp propagate it."""
     scale = tl.maximum(tl.math.div_rn(amax, FP8_MAX), MIN_SCALE)
     return tl.where(nan_count > 0, float("nan"), scale)
