@@ -240,6 +240,30 @@ else:
         assert rel_error(out[5:], ref[5:]) <= TOL_INTERP
 
 
+    GEMV_TILES = [GemmTile(1, 64, 4, 1, 2, 1, kernel="gemv"), GemmTile(2, 32, 2, 1, 3, 2, kernel="gemv"),
+                  GemmTile(1, 16, 1, 1, 2, 4, kernel="gemv")]
+
+    @pytest.mark.parametrize("tile", GEMV_TILES)
+    @pytest.mark.parametrize("mode", ["fp8", "exact"])
+    def test_interp_gemv_kernel(tile, mode, seed):
+        """The CUDA-core decode kernel: one or two rows per expert-tile, 1..4 groups a step
+        (odd group counts: past the last group nothing is added), rows spread over experts,
+        N not a multiple of the tile; plain-ops decode (no inline PTX under the interpreter)."""
+        for R, E, N, K, G, empty in ((5, 9, 72, 192, 64, 4), (13, 3, 40, 96, 32, 0), (1, 160, 64, 256, 128, 0)):
+            args = make_case(R, E, N, K, G, empty=min(empty, E - 1), mode=mode)
+            out = launch(*args, tile=tile, out=poisoned_out(args))
+            assert rel_error(out, ref_of(args)) <= TOL_INTERP, (R, E, N, K, G)
+
+    def test_interp_gemv_garbage_offsets_memory_safe(seed):
+        a, a_scale, wg, ws, chan, _, G = make_case(20, 4, 64, 128, 128, mode="exact")
+        off = torch.tensor([5, 100, -3, 12, 7])
+        out = launch(a, a_scale, wg, ws, chan, off, G, tile=GEMV_TILES[1],
+                     out=poisoned_out([a, a_scale, wg]))
+        ref = reference.grouped_gemm(a, a_scale, formats.decode_gemm_layout(wg), ws, chan,
+                                     torch.tensor([0, 20, 20, 20, 20]), G)
+        assert rel_error(out[5:], ref[5:]) <= TOL_INTERP
+
+
 # ------------------------------------------------------------------------------------------
 # GPU
 # ------------------------------------------------------------------------------------------
@@ -277,6 +301,42 @@ def test_cuda_every_tile_and_group_size(G, seed):
     for tile in tiles:
         out = launch(*args, tile=tile, out=poisoned_out(args))
         assert rel_error(out, ref) <= TOL_GPU, tile
+
+
+CUDA_GEMV_TILES = [(1, 64, 4, 1, 6, 1), (1, 64, 2, 1, 6, 4), (2, 64, 2, 1, 6, 2), (1, 128, 4, 1, 3, 2)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("G", [32, 64, 128])
+@pytest.mark.parametrize("mode", ["fp8", "exact"])
+def test_cuda_gemv_tiles(G, mode, seed):
+    """The CUDA-core decode kernel (inline-PTX decode) against the fp64 reference: decode-like
+    row counts (1..3 rows per expert), odd group counts, poisoned outputs; and bitwise
+    deterministic."""
+    from inductor_w4a8.launch.gemm_tiles import GemmTile
+    from inductor_w4a8.launch.grouped_gemm import grouped_gemm as launch
+    for R, E in ((1, 1), (8, 160), (64, 160), (300, 100)):
+        args = make_case(R, E, 264, 5 * G, G, mode=mode, device="cuda")
+        ref = ref_of(args)
+        for fields in CUDA_GEMV_TILES:
+            tile = GemmTile(*fields, kernel="gemv")
+            out = launch(*args, tile=tile, out=poisoned_out(args))
+            assert rel_error(out, ref) <= TOL_GPU, (R, E, tile)
+            assert torch.equal(out, launch(*args, tile=tile)), tile
+
+
+@pytest.mark.cuda
+def test_cuda_gemv_garbage_offsets_and_positive_activations(seed):
+    from inductor_w4a8.launch.gemm_tiles import GemmTile
+    from inductor_w4a8.launch.grouped_gemm import grouped_gemm as launch
+    tile = GemmTile(2, 64, 2, 1, 6, 2, kernel="gemv")
+    args = make_case(64, 16, 512, 1024, 128, mode="fp8", device="cuda", positive=True)
+    assert rel_error(launch(*args, tile=tile, out=poisoned_out(args)), ref_of(args)) <= TOL_GPU
+    a, a_scale, wg, ws, chan, _, G = args
+    for off in ([5, 100, -3, 12] + [7] * 13, [-(2**40)] + [2**40] * 16):
+        out = launch(a, a_scale, wg, ws, chan, torch.tensor(off, device="cuda"), G, tile=tile)
+        torch.cuda.synchronize()
+        assert out.shape == (64, 512)
 
 
 @pytest.mark.cuda

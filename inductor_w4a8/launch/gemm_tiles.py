@@ -28,6 +28,8 @@ class GemmTile:
     # only; num_stages is its activation ring depth, num_warps 8 = two warpgroups); where it
     # cannot run (no Hopper GPU, the interpreter, a trace through wrap_triton) the launcher
     # runs WGMMA_FALLBACK instead.
+    # "gemv": kernels/grouped_gemv.py (CUDA cores, decode): block_m is 1 or 2 rows of one expert,
+    # num_stages is unused, groups_per_step 1..4.
     kernel: str = "triton"
 
     def as_dict(self) -> dict:
@@ -49,6 +51,7 @@ GEMM_TILES: tuple[tuple[float, GemmTile], ...] = (
 
 
 WGMMA_KERNEL = "wgmma"
+GEMV_KERNEL = "gemv"
 WGMMA_FALLBACK = GEMM_TILES[-1][1]
 # The Gluon kernel's best measured tile (docs/perf.md, v9): 128 tokens x 128 weight rows, two
 # warpgroups, a 4-deep cp.async ring, one program per SM. Not in GEMM_TILES: on the H200 it is

@@ -12,9 +12,10 @@ import torch
 import triton
 
 from ..kernels.grouped_gemm import w4a8_grouped_gemm_kernel
+from ..kernels.grouped_gemv import w4a8_grouped_gemv_kernel
 from ._common import fast_launch
-from .gemm_tiles import (WGMMA_FALLBACK, WGMMA_KERNEL, GemmConstraints, GemmTile, choose_tile,
-                         grid_size)
+from .gemm_tiles import (GEMV_KERNEL, WGMMA_FALLBACK, WGMMA_KERNEL, GemmConstraints, GemmTile,
+                         choose_tile, grid_size)
 
 
 LAST_COMPILED = None  # the last compiled kernel (for SASS / register inspection in tuning)
@@ -55,6 +56,9 @@ def grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scal
         tile = WGMMA_FALLBACK
     if use_asm is None:
         use_asm = a.device.type == "cuda" and not _interpreting()
+    if tile.kernel == GEMV_KERNEL:
+        return _launch_gemv(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_size, tile,
+                            out, use_asm, wrap)
     grid = (grid_size(tile, R, N, E, a.device),)
     has_chan = w_chan_scale is not None
     chan = w_chan_scale if has_chan else w_scale  # placeholder pointer when unused
@@ -119,4 +123,26 @@ def _launch_wgmma(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_si
         BLOCK_E=max(16, triton.next_power_of_2(E)), STAGES=tile.num_stages,
         KG_PAD=_scale_table_rows(K, group_size), num_warps=tile.num_warps,
     )
+    return out
+
+
+def _launch_gemv(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_size, tile, out,
+                 use_asm, wrap):
+    """The CUDA-core decode kernel (kernels/grouped_gemv.py): m-tiles of tile.block_m (1 or 2)
+    rows of one expert, tile.block_n weight rows, tile.groups_per_step groups per K step."""
+    R, K = a.shape
+    E, N, _ = w.shape
+    has_chan = w_chan_scale is not None
+    grid = (grid_size(tile, R, N, E, a.device),)
+    args = (a.view(torch.uint8), a_scale, w, w_scale, w_chan_scale if has_chan else w_scale,
+            expert_offsets, out, R, N, K, E)
+    kwargs = dict(GROUP=group_size, HAS_CHAN=has_chan, TWO_ROWS=tile.block_m == 2, BLOCK_N=tile.block_n,
+                  BLOCK_E=max(16, triton.next_power_of_2(E)), GROUPS_PER_STEP=tile.groups_per_step,
+                  HW=a.device.type == "cuda" and not _interpreting(), USE_ASM=use_asm,
+                  num_warps=tile.num_warps, num_stages=1)
+    global LAST_COMPILED
+    if wrap is None:
+        LAST_COMPILED = fast_launch(w4a8_grouped_gemv_kernel, grid, *args, **kwargs)
+    else:
+        LAST_COMPILED = wrap(w4a8_grouped_gemv_kernel)[grid](*args, **kwargs)
     return out

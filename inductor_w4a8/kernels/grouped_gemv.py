@@ -1,0 +1,175 @@
+"""CUDA-core kernel of `w4a8::grouped_gemm` for decode: a few rows per expert, weights streamed.
+
+    out[r, n] = a_scale[r] * chan[e, n] * sum_g s[e, n, g] * sum_{k in g} a[r, k] * q[e, n, k]
+
+Why a second kernel (docs/perf.md, session 5): with one or two rows per expert the tensor-core
+kernel runs a serial load -> convert -> wgmma -> wait chain per K step and its few programs keep
+too few weight bytes in flight; here each program is a (expert, up to BLOCK_M rows, BLOCK_N weight
+rows) tile whose K loop has no dependency but the accumulators, so many small programs per SM
+keep HBM busy. The math is fp32 FMA on CUDA cores:
+  * int4 -> fp32 without converts or shifts: a layout-v3 nibble n (two's complement) xor 8 is
+    q + 8; left where it sits (bits 4c..4c+3, c <= 4) under 2^23's exponent bits, the word reads
+    as fp32 2^23 + (q + 8) 16^c, so one LOP3 and one FADD give q 16^c exactly, and the
+    activation is pre-scaled by 16^-c (nibbles 5..7 are read from the word shifted by 20);
+  * the activations are read in the layout's nibble order (formats.py: nibble p of word w of
+    chunk j is K = 32 j + 16 (p // 4) + 4 w + p % 4), so no weight is ever permuted;
+  * q * a is exact in fp32 and summed in fp32 per group, then scaled by s[e, n, g] in fp32 and
+    accumulated: the numerics contract of the tensor-core kernel (q * s never rounded), with
+    fp32 (not wgmma's reduced-precision) sums inside each group.
+Persistent grid from shapes, the tile list from the offsets on the device (expert_tiles.py),
+int64 rows: memory-safe for any offsets, CUDA-graph safe.
+"""
+import triton
+import triton.language as tl
+
+from .expert_tiles import expert_m_tiles, locate_m_tile
+from .fp8 import e4m3_bits_to_fp32
+
+
+
+@triton.jit
+def _nibble_place(p: tl.constexpr):
+    """Where nibble p is read: bit position 4 * place in the word (p <= 4) or in the word shifted
+    right by 20 (p >= 5), so that the nibble and 2^23's exponent bits never overlap."""
+    return p if p <= 4 else p - 5
+
+
+@triton.jit
+def _magic_nibble(word, p: tl.constexpr):
+    """fp32 2^23 + (q + 8) 16^place of nibble p, its bits made with plain ops (the interpreter's
+    path): (n & mask) ^ (8 << 4 place) is (q + 8) << 4 place, under 2^23's exponent bits. `word`
+    is the layout-v3 word (p <= 4) or it shifted right by 20 (p >= 5)."""
+    place: tl.constexpr = _nibble_place(p)
+    bits = (word & (0xF << (4 * place))) ^ (0x4B000000 | (8 << (4 * place)))
+    return bits.to(tl.float32, bitcast=True)
+
+
+# The same 8 values as _q_times_16_pow's (before the bias subtraction), from one word in 11
+# instructions: the biased nibbles 0..4 under 2^23's exponent once per word, then one AND with
+# one immediate per nibble. Inline PTX because LLVM folds (w ^ c) & m back into (w & m) ^ c',
+# which needs two constants per nibble (a register move each on sm_90).
+S4X8_TO_MAGIC_F32_PTX = tl.constexpr(" ".join((
+    "{",
+    ".reg .b32 lo, hi;",
+    "and.b32 lo, $8, 0x000FFFFF;",
+    "xor.b32 lo, lo, 0x4B088888;",
+    "shr.u32 hi, $8, 20;",
+    "xor.b32 hi, hi, 0x4B000888;",
+    "and.b32 $0, lo, 0x7F80000F;",
+    "and.b32 $1, lo, 0x7F8000F0;",
+    "and.b32 $2, lo, 0x7F800F00;",
+    "and.b32 $3, lo, 0x7F80F000;",
+    "and.b32 $4, lo, 0x7F8F0000;",
+    "and.b32 $5, hi, 0x7F80000F;",
+    "and.b32 $6, hi, 0x7F8000F0;",
+    "and.b32 $7, hi, 0x7F800F00;",
+    "}",
+)))
+
+
+@triton.jit
+def _magic_nibbles_asm(w):
+    f32 = tl.float32
+    return tl.inline_asm_elementwise(asm=S4X8_TO_MAGIC_F32_PTX, constraints="=r,=r,=r,=r,=r,=r,=r,=r,r",
+                                     args=[w], dtype=(f32, f32, f32, f32, f32, f32, f32, f32),
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _a_nibble(a_row, kbase, p: tl.constexpr, valid, HW: tl.constexpr):
+    """fp32 [GW]: row a_row's activation for nibble p of each word of the group, times
+    16^-place (exact: fp8 values are >= 2^-9), 0 where not valid."""
+    ab = tl.load(a_row + kbase + (16 * (p // 4) + p % 4), mask=valid, other=0)
+    return e4m3_bits_to_fp32(ab, HW) * (1.0 / 16.0 ** _nibble_place(p))
+
+
+@triton.jit
+def _group_partials(w_rows, a_row0, a_row1, g, nmask, valid0, valid1, words,
+                    TWO_ROWS: tl.constexpr, GROUP: tl.constexpr, HW: tl.constexpr, USE_ASM: tl.constexpr):
+    """fp32 [BLOCK_N, GROUP // 8] per row (one or two rows of the expert): per weight word of
+    group g, the sum over its 8 nibbles of q[n, k] * a[k] (exact products); reduced over the
+    words only once per tile."""
+    GW: tl.constexpr = GROUP // 8
+    w = tl.load(w_rows + (g * GW + words)[None, :], mask=nmask[:, None], other=0)   # int32 [BN, GW]
+    kbase = g * GROUP + 32 * (words // 4) + 4 * (words % 4)                            # [GW]
+    part0 = tl.zeros(w.shape, dtype=tl.float32)
+    part1 = tl.zeros(w.shape, dtype=tl.float32)
+    if USE_ASM:
+        m0, m1, m2, m3, m4, m5, m6, m7 = _magic_nibbles_asm(w)
+    else:
+        w_hi = (w.to(tl.uint32, bitcast=True) >> 20).to(tl.int32, bitcast=True)      # nibbles 5..7
+        m0, m1, m2, m3 = _magic_nibble(w, 0), _magic_nibble(w, 1), _magic_nibble(w, 2), _magic_nibble(w, 3)
+        m4, m5, m6, m7 = _magic_nibble(w, 4), _magic_nibble(w_hi, 5), _magic_nibble(w_hi, 6), _magic_nibble(w_hi, 7)
+    for p in tl.static_range(8):
+        m = m0 if p == 0 else m1 if p == 1 else m2 if p == 2 else m3 if p == 3 else \
+            m4 if p == 4 else m5 if p == 5 else m6 if p == 6 else m7
+        q = m - (8388608.0 + 8.0 * 16.0 ** _nibble_place(p))       # q * 16^place, exact
+        part0 += q * _a_nibble(a_row0, kbase, p, valid0, HW)[None, :]
+        if TWO_ROWS:
+            part1 += q * _a_nibble(a_row1, kbase, p, valid1, HW)[None, :]
+    return part0, part1
+
+
+@triton.jit
+def w4a8_grouped_gemv_kernel(
+    a_ptr, a_scale_ptr, w_ptr, s_ptr, chan_ptr, off_ptr, out_ptr,
+    R, N, K, E,
+    GROUP: tl.constexpr, HAS_CHAN: tl.constexpr,
+    TWO_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+    GROUPS_PER_STEP: tl.constexpr, HW: tl.constexpr, USE_ASM: tl.constexpr,
+):
+    """a uint8 (fp8 bits) [R, K] (rows sorted by expert), a_scale fp32 [R], w int32 [E, N, K // 8]
+    (layout v3), s fp8/bf16 [E, N, K // GROUP], chan fp32 [E, N] (if HAS_CHAN), off int64
+    [E + 1], out bf16 [R, N]."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    BLOCK_M: tl.constexpr = 2 if TWO_ROWS else 1    # rows of one expert per tile
+    start, count, m_tiles, cum_tiles, total_m = expert_m_tiles(off_ptr, R, E, BLOCK_M, BLOCK_E)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    total = total_m * n_tiles
+    KW = K // 8
+    KG = K // GROUP
+    words = tl.arange(0, GROUP // 8)
+
+    for tile in range(pid, total, nprog):
+        mt = tile // n_tiles
+        nt = tile % n_tiles
+        e, row0, cnt, mt_in = locate_m_tile(mt, start, count, m_tiles, cum_tiles, BLOCK_E)
+        m_in = mt_in * BLOCK_M
+        rows = row0 + m_in                                    # int64, the tile's first row
+        rn = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = rn < N
+        rn64 = rn.to(tl.int64)
+        e64 = e.to(tl.int64)
+        w_rows = w_ptr + e64 * N * KW + rn64[:, None] * KW    # [BLOCK_N, 1]
+        s_rows = s_ptr + e64 * N * KG + rn64 * KG             # [BLOCK_N]
+        row1 = row0 + m_in + 1                                # int64; used when TWO_ROWS
+        # row validity as vectors (the interpreter turns bool-tensor & bool-scalar into int32)
+        ok0 = m_in < cnt
+        ok1 = (m_in + 1 < cnt) if TWO_ROWS else (cnt < 0)
+        ok0_w, ok1_w = (words * 0 + m_in) < cnt, (words * 0 + m_in + (1 if TWO_ROWS else cnt)) < cnt
+        ok0_n, ok1_n = (rn * 0 + m_in) < cnt, (rn * 0 + m_in + (1 if TWO_ROWS else cnt)) < cnt
+
+        acc0 = tl.zeros((BLOCK_N, GROUP // 8), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_N, GROUP // 8), dtype=tl.float32)
+        for g0 in range(0, KG, GROUPS_PER_STEP):
+            # independent groups per step: their loads are in flight together
+            for j in tl.static_range(GROUPS_PER_STEP):
+                g = g0 + j
+                live = (words * 0 + g) < KG     # past the last group: no activation, zero scale
+                live_n = (rn * 0 + g) < KG
+                p0, p1 = _group_partials(w_rows, a_ptr + rows * K, a_ptr + row1 * K, g, nmask & live_n,
+                                         live & ok0_w, live & ok1_w, words, TWO_ROWS, GROUP, HW, USE_ASM)
+                sg = tl.load(s_rows + g, mask=nmask & live_n, other=0.0).to(tl.float32)
+                acc0 += p0 * sg[:, None]
+                if TWO_ROWS:
+                    acc1 += p1 * sg[:, None]
+
+        scale_n = tl.full((BLOCK_N,), 1.0, tl.float32)
+        if HAS_CHAN:
+            scale_n = tl.load(chan_ptr + e64 * N + rn64, mask=nmask, other=0.0)
+        out0 = tl.sum(acc0, axis=1) * scale_n * tl.load(a_scale_ptr + rows, mask=ok0, other=0.0)
+        tl.store(out_ptr + rows * N + rn64, out0.to(tl.bfloat16), mask=nmask & ok0_n)
+        if TWO_ROWS:
+            out1 = tl.sum(acc1, axis=1) * scale_n * tl.load(a_scale_ptr + row1, mask=ok1, other=0.0)
+            tl.store(out_ptr + row1 * N + rn64, out1.to(tl.bfloat16), mask=nmask & ok1_n)
