@@ -136,6 +136,12 @@ def inspect_sass(tag):
     log("sass", json.dumps(info))
 
 
+def parse_tile(text: str) -> GemmTile:
+    """"BM,BN,warps,stages,programs_per_sm[,groups_per_step[,kernel]]" -> GemmTile."""
+    fields = text.split(",")
+    return GemmTile(*map(int, fields[:6]), *fields[6:])
+
+
 def time_variants(m_list, variants, fb=True, rep=100):
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -166,7 +172,7 @@ def time_variants(m_list, variants, fb=True, rep=100):
                 row["fbgemm"] = round(bench.do_bench_us(lambda: [f() for f in fns], rep=rep), 1)
             except Exception as exc:  # noqa: BLE001
                 log("fbgemm failed", repr(exc)[:300])
-        cands = [("auto", None)] + [(v, GemmTile(*map(int, v.split(",")))) for v in variants]
+        cands = [("auto", None)] + [(v, parse_tile(v)) for v in variants]
         for name, tile in cands:
             if tile is not None and ((tile.block_m <= 32 and M >= 1024) or (tile.block_m >= 128 and M <= 64)):
                 continue
@@ -198,7 +204,7 @@ def parse_args(argv):
                    help="token counts M timed (default: 1 16 64 256 1024 4096 8192)")
     p.add_argument("--variants", nargs="*", default=[],
                    help="extra tiles to time, each as block_m,block_n,num_warps,num_stages,"
-                        "programs_per_sm[,groups_per_step] (GemmTile's fields)")
+                        "programs_per_sm[,groups_per_step[,kernel]] (GemmTile's fields; kernel triton, wgmma or gemv)")
     p.add_argument("--skip-check", action="store_true", help="skip the correctness checks")
     p.add_argument("--no-fbgemm", action="store_true", help="do not time FBGEMM beside ours")
     p.add_argument("--rep", type=positive_int, default=None, help="do_bench repetitions (default: 100)")
@@ -212,7 +218,7 @@ def parse_args(argv):
         args.rep = 20 if args.quick else 100
     for v in args.variants:
         try:
-            GemmTile(*map(int, v.split(",")))
+            parse_tile(v)
         except (TypeError, ValueError) as exc:
             p.error(f"--variants {v}: not a GemmTile ({exc})")
     require_cuda(p.prog, "tuning the grouped GEMM")

@@ -28,18 +28,11 @@ from .fp8 import e4m3_bits_to_fp32
 
 
 @triton.jit
-def _nibble_place(p: tl.constexpr):
-    """Where nibble p is read: bit position 4 * place in the word (p <= 4) or in the word shifted
-    right by 20 (p >= 5), so that the nibble and 2^23's exponent bits never overlap."""
-    return p if p <= 4 else p - 5
-
-
-@triton.jit
 def _magic_nibble(word, p: tl.constexpr):
     """fp32 2^23 + (q + 8) 16^place of nibble p, its bits made with plain ops (the interpreter's
     path): (n & mask) ^ (8 << 4 place) is (q + 8) << 4 place, under 2^23's exponent bits. `word`
     is the layout-v3 word (p <= 4) or it shifted right by 20 (p >= 5)."""
-    place: tl.constexpr = _nibble_place(p)
+    place: tl.constexpr = p if p <= 4 else p - 5
     bits = (word & (0xF << (4 * place))) ^ (0x4B000000 | (8 << (4 * place)))
     return bits.to(tl.float32, bitcast=True)
 
@@ -80,7 +73,8 @@ def _a_nibble(a_row, kbase, p: tl.constexpr, valid, HW: tl.constexpr):
     """fp32 [GW]: row a_row's activation for nibble p of each word of the group, times
     16^-place (exact: fp8 values are >= 2^-9), 0 where not valid."""
     ab = tl.load(a_row + kbase + (16 * (p // 4) + p % 4), mask=valid, other=0)
-    return e4m3_bits_to_fp32(ab, HW) * (1.0 / 16.0 ** _nibble_place(p))
+    place: tl.constexpr = p if p <= 4 else p - 5
+    return e4m3_bits_to_fp32(ab, HW) * (1.0 / 16.0 ** place)
 
 
 @triton.jit
@@ -103,7 +97,8 @@ def _group_partials(w_rows, a_row0, a_row1, g, nmask, valid0, valid1, words,
     for p in tl.static_range(8):
         m = m0 if p == 0 else m1 if p == 1 else m2 if p == 2 else m3 if p == 3 else \
             m4 if p == 4 else m5 if p == 5 else m6 if p == 6 else m7
-        q = m - (8388608.0 + 8.0 * 16.0 ** _nibble_place(p))       # q * 16^place, exact
+        # q * 16^place, exact (place = p, or p - 5 for nibbles 5..7 read from the word >> 20)
+        q = m - (8388608.0 + 8.0 * 16.0 ** (p if p <= 4 else p - 5))
         part0 += q * _a_nibble(a_row0, kbase, p, valid0, HW)[None, :]
         if TWO_ROWS:
             part1 += q * _a_nibble(a_row1, kbase, p, valid1, HW)[None, :]
