@@ -31,8 +31,11 @@ GRAPHS_ENV = "W4A8_EAGER_GRAPHS"
 _DEFAULT = os.environ.get(GRAPHS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 _state = threading.local()
 GRAPHS_ATTR = "_w4a8_eager_graphs"   # per module: OrderedDict key -> _SEEN or _Graph
-MAX_TOKENS = 64
-MAX_GRAPHS = 8
+# Memory: each captured forward holds its static inputs and a private pool with the block's
+# intermediates (GLM-4.6 layer: ~0.2 MB at T = 1, ~2.5 MB at T = 16), per module, so a model's
+# worst case is MAX_GRAPHS graphs of MAX_TOKENS tokens in every MoE layer.
+MAX_TOKENS = 16
+MAX_GRAPHS = 4
 _SEEN = "seen once"   # a key's first unchecked call runs directly; the next one captures
 
 

@@ -51,7 +51,8 @@ class _StubGraph:
 def stub_capture(monkeypatch):
     _StubGraph.captures = 0
     monkeypatch.setattr(eager_graphs, "_Graph", _StubGraph)
-    monkeypatch.setattr(eager_graphs, "_eligible", lambda x: eager_graphs.enabled() and x.shape[0] <= 64)
+    monkeypatch.setattr(eager_graphs, "_eligible",
+                        lambda x: eager_graphs.enabled() and x.shape[0] <= eager_graphs.MAX_TOKENS)
     return _StubGraph
 
 
@@ -71,7 +72,7 @@ def test_seen_once_then_captured_then_replayed(stub_capture, seed):
 
 def test_large_batches_and_the_switch_skip_the_graph(stub_capture, seed):
     moe = make_moe(seed=seed % 1000)
-    x, logits = make_inputs(65, moe, seed=seed)
+    x, logits = make_inputs(eager_graphs.MAX_TOKENS + 1, moe, seed=seed)
     with torch.no_grad():
         for _ in range(4):
             moe(x, logits)
@@ -112,7 +113,7 @@ def test_a_moved_parameter_is_a_new_graph(stub_capture, seed):
 # GPU
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.cuda
-@pytest.mark.parametrize("T", [1, 5, 64])
+@pytest.mark.parametrize("T", [1, 5, eager_graphs.MAX_TOKENS])
 def test_cuda_replay_is_the_direct_path_bit_for_bit(T, seed):
     moe = make_moe(device="cuda", seed=seed % 1000)
     inputs = [make_inputs(T, moe, seed=seed + i) for i in range(5)]

@@ -1,4 +1,8 @@
-"""The device-side work list of the grouped GEMM kernels: (expert, m-tile) pairs from the offsets.
+"""The device-side work list of the CUDA-core grouped GEMM (grouped_gemv.py): (expert, m-tile) pairs.
+
+kernels/grouped_gemm.py computes the same list inline: with these helpers called from it, Inductor's
+max-autotune failed to compile the traced kernel on the H200 (an AssertionError inside Inductor,
+session 5; the default compile path was fine), so the tensor-core kernel keeps its own copy.
 
 Each expert's rows [start, start + count) of the expert-sorted activations are cut into m-tiles
 of BLOCK_M rows; m-tile mt (0 <= mt < total_m) belongs to the expert whose inclusive tile cumsum

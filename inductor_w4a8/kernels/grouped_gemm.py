@@ -22,8 +22,12 @@ Design (see docs/perf.md for the measurements behind it):
 import triton
 import triton.language as tl
 
-from .expert_tiles import expert_m_tiles, locate_m_tile
 from .int4_decode import s4_tile_to_fp8_asm, s4_tile_to_fp8_ops
+
+
+@triton.jit
+def _max_combine(x, y):
+    return tl.maximum(x, y)
 
 
 @triton.jit
@@ -54,8 +58,19 @@ def w4a8_grouped_gemm_kernel(
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
 
-    # per-expert row ranges (clamped, monotone) and the m-tile list, on the device
-    start, count, m_tiles, cum_tiles, total_m = expert_m_tiles(off_ptr, R, E, BLOCK_M, BLOCK_E)
+    # ---- per-expert row ranges, clamped and monotone, and the m-tile list (device side) ----
+    eidx = tl.arange(0, BLOCK_E)
+    emask = eidx < E
+    lo_off = tl.load(off_ptr + eidx, mask=emask, other=0).to(tl.int64)
+    hi_off = tl.load(off_ptr + eidx + 1, mask=emask, other=0).to(tl.int64)
+    lo_off = tl.minimum(tl.maximum(lo_off, 0), R)
+    hi_off = tl.minimum(tl.maximum(hi_off, 0), R)
+    start = tl.associative_scan(lo_off, 0, _max_combine)
+    end = tl.maximum(tl.associative_scan(hi_off, 0, _max_combine), start)
+    count = tl.where(emask, end - start, 0)
+    m_tiles = (count + BLOCK_M - 1) // BLOCK_M
+    cum_tiles = tl.cumsum(m_tiles, 0)
+    total_m = tl.sum(m_tiles, 0).to(tl.int32)
     n_tiles = tl.cdiv(N, BLOCK_N)
     total = total_m * n_tiles
 
@@ -68,8 +83,13 @@ def w4a8_grouped_gemm_kernel(
     for tile in range(pid, total, nprog):
         mt = tile // n_tiles
         nt = tile % n_tiles
-        e, row0, cnt, mt_in = locate_m_tile(mt, start, count, m_tiles, cum_tiles, BLOCK_E)
-        m_in = mt_in * BLOCK_M + rm
+        # expert of this m-tile: number of experts whose inclusive tile cumsum is <= mt
+        e = tl.sum((cum_tiles <= mt).to(tl.int32), 0)
+        sel = eidx == e
+        row0 = tl.sum(tl.where(sel, start, 0), 0)
+        cnt = tl.sum(tl.where(sel, count, 0), 0)
+        first = tl.sum(tl.where(sel, cum_tiles - m_tiles, 0), 0)
+        m_in = (mt - first) * BLOCK_M + rm
         rmask = m_in < cnt
         rows = row0 + m_in                                   # int64
         rn = nt * BLOCK_N + tl.arange(0, BLOCK_N)
