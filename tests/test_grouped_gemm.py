@@ -137,6 +137,19 @@ def test_constraints_fix_fields_and_keep_the_rest(monkeypatch):
                                                                base.num_warps)
 
 
+@pytest.mark.parametrize("fields,message", [((16, 64, 4, 1, 2, 1), "1 or 2 rows"),
+                                            ((1, 48, 4, 1, 2, 1), "block_n=48"),
+                                            ((1, 64, 4, 1, 2, 5), "groups_per_step=5")])
+def test_bad_gemv_tile_refused_before_launch(fields, message, seed):
+    from inductor_w4a8.launch.gemm_tiles import GemmTile
+    from inductor_w4a8.launch.grouped_gemm import grouped_gemm as launch
+    args = make_case(4, 2, 64, 128, 128, mode="exact")
+    out = poisoned_out(args)
+    with pytest.raises(ValueError, match=message):
+        launch(*args, tile=GemmTile(*fields, kernel="gemv"), out=out)
+    assert torch.isnan(out.float()).all()    # nothing written
+
+
 def test_table_keeps_the_triton_kernel():
     """No row of the table picks the Gluon kernel: it measured slower at every M (docs/perf.md)."""
     from inductor_w4a8.launch.gemm_tiles import GEMM_TILES, WGMMA_FALLBACK

@@ -133,6 +133,8 @@ MAX_CANDIDATES = 8                         # each one is compiled and timed on t
 def tile_problems(tile: GemmTile, N: int | None, K: int | None, group_size: int) -> list[str]:
     """Why `tile` cannot run (or cannot run well) on an [N, K] GEMM with this group size; empty
     when it can. N / K None: only the checks that do not depend on them."""
+    if tile.kernel == GEMV_KERNEL:
+        return gemv_tile_problems(tile)
     problems = []
     if tile.block_m not in BLOCK_M_CHOICES:
         problems.append(f"block_m={tile.block_m} not in {BLOCK_M_CHOICES}")
@@ -157,6 +159,22 @@ def tile_problems(tile: GemmTile, N: int | None, K: int | None, group_size: int)
     acc_regs = tile.block_m * tile.block_n // (32 * max(tile.num_warps, 1))
     if acc_regs > ACC_REGS_LIMIT:
         problems.append(f"{acc_regs} accumulator registers per thread > {ACC_REGS_LIMIT}")
+    return problems
+
+
+def gemv_tile_problems(tile: GemmTile) -> list[str]:
+    """Why a CUDA-core decode tile (kernel="gemv") cannot run; empty when it can."""
+    problems = []
+    if tile.block_m not in (1, 2):
+        problems.append(f"block_m={tile.block_m}: the gemv kernel takes 1 or 2 rows of an expert per tile")
+    if tile.block_n not in (16, 32, 64, 128, 256):
+        problems.append(f"block_n={tile.block_n} not a power of two in 16..256")
+    if tile.num_warps not in (1, 2, 4, 8):
+        problems.append(f"num_warps={tile.num_warps} not 1, 2, 4 or 8")
+    if not 1 <= tile.groups_per_step <= 4:
+        problems.append(f"groups_per_step={tile.groups_per_step} outside 1..4")
+    if tile.programs_per_sm < 1:
+        problems.append(f"programs_per_sm={tile.programs_per_sm} < 1")
     return problems
 
 

@@ -15,7 +15,7 @@ from ..kernels.grouped_gemm import w4a8_grouped_gemm_kernel
 from ..kernels.grouped_gemv import w4a8_grouped_gemv_kernel
 from ._common import fast_launch
 from .gemm_tiles import (GEMV_KERNEL, WGMMA_FALLBACK, WGMMA_KERNEL, GemmConstraints, GemmTile,
-                         choose_tile, grid_size)
+                         choose_tile, gemv_tile_problems, grid_size)
 
 
 LAST_COMPILED = None  # the last compiled kernel (for SASS / register inspection in tuning)
@@ -130,6 +130,9 @@ def _launch_gemv(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_siz
                  use_asm, wrap):
     """The CUDA-core decode kernel (kernels/grouped_gemv.py): m-tiles of tile.block_m (1 or 2)
     rows of one expert, tile.block_n weight rows, tile.groups_per_step groups per K step."""
+    problems = gemv_tile_problems(tile)
+    if problems:
+        raise ValueError(f"grouped_gemm: tile {tile} cannot run the gemv kernel: {'; '.join(problems)}")
     R, K = a.shape
     E, N, _ = w.shape
     has_chan = w_chan_scale is not None
