@@ -7,7 +7,8 @@
 Prints, per token count:
 * per forward: host us of one call with the device idle (synchronize, time the call, synchronize;
   median of --reps) for four settings: the dispatcher path (eager.direct_calls(False)) and the
-  direct path (default), each with fast_launch on (default) and off (W4A8_FAST_LAUNCH=0 path);
+  direct path (default; on CUDA at <= eager_graphs.MAX_TOKENS tokens that is the block's graph
+  replay, eager_graphs.py), each with fast_launch on (default) and off (W4A8_FAST_LAUNCH=0 path);
 * per op: host us of each op called through torch.ops.w4a8, directly with its checks, and
   directly without them (the direct path after its first call), on the block's own inputs;
 * cProfile of the default forward: the top entries by total time.

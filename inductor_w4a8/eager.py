@@ -17,34 +17,22 @@ checked kernels on every call.
 """
 from __future__ import annotations
 
-import contextlib
-import os
-import threading
 from types import SimpleNamespace
 
 import torch
 
 from . import ops, reference
 from .checks import value_checks_enabled
+from .switches import ThreadSwitch
 
 DIRECT_ENV = "W4A8_DIRECT_EAGER"
-_DEFAULT = os.environ.get(DIRECT_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
-_state = threading.local()
 CHECKED_ATTR = "_w4a8_direct_checked"  # per module: the keys whose checks passed once
 
 OP_NAMES = ("select_and_sort_experts", "quantize_scatter_fp8", "grouped_gemm", "silu_mul_quantize_fp8",
             "combine")
 
-
-@contextlib.contextmanager
-def direct_calls(enabled: bool = True):
-    """Allow (default) or forbid W4A8MoE's direct eager calls in this thread."""
-    previous = getattr(_state, "enabled", _DEFAULT)
-    _state.enabled = bool(enabled)
-    try:
-        yield
-    finally:
-        _state.enabled = previous
+# direct_calls(False): forbid W4A8MoE's direct eager calls in this thread (default: allowed)
+direct_calls = ThreadSwitch(DIRECT_ENV)
 
 
 def _checked_kernels(device_type: str) -> SimpleNamespace:
@@ -91,7 +79,7 @@ def direct_kernels(moe, hidden_states, router_logits):
     None (call torch.ops.w4a8). key: what the ops' checks read (None when kernels is None or the
     value checks are on). checked: kernels are the checked ones; pass key to `remember_checked`
     once the forward succeeded with them, so that later calls with this key run unchecked."""
-    if not getattr(_state, "enabled", _DEFAULT) or torch.compiler.is_compiling():
+    if not direct_calls.enabled() or torch.compiler.is_compiling():
         return CALL_OPS
     if type(hidden_states) is not torch.Tensor or type(router_logits) is not torch.Tensor:
         return CALL_OPS

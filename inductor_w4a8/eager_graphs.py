@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import os
-import threading
 
 import torch
 
+from .switches import ThreadSwitch
+
 GRAPHS_ENV = "W4A8_EAGER_GRAPHS"
-_DEFAULT = os.environ.get(GRAPHS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
-_state = threading.local()
 GRAPHS_ATTR = "_w4a8_eager_graphs"   # per module: OrderedDict key -> _SEEN or _Graph
 # Memory: each captured forward holds its static inputs and a private pool with the block's
 # intermediates (GLM-4.6 layer: ~0.2 MB at T = 1, ~2.5 MB at T = 16), per module, so a model's
@@ -39,19 +37,9 @@ MAX_GRAPHS = 4
 _SEEN = "seen once"   # a key's first unchecked call runs directly; the next one captures
 
 
-@contextlib.contextmanager
-def graph_replay(enabled: bool = True):
-    """Allow (default) or forbid eager graph replay of W4A8MoE forwards in this thread."""
-    previous = getattr(_state, "enabled", _DEFAULT)
-    _state.enabled = bool(enabled)
-    try:
-        yield
-    finally:
-        _state.enabled = previous
-
-
-def enabled() -> bool:
-    return getattr(_state, "enabled", _DEFAULT)
+# graph_replay(False): forbid eager graph replay of W4A8MoE forwards in this thread (default: allowed)
+graph_replay = ThreadSwitch(GRAPHS_ENV)
+enabled = graph_replay.enabled
 
 
 class _Graph:

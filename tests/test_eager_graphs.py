@@ -16,13 +16,13 @@ from compile_utils import make_inputs, make_moe
 
 
 def test_switch_nests_and_restores():
-    assert eager_graphs.enabled() == eager_graphs._DEFAULT
+    assert eager_graphs.enabled() == eager_graphs.graph_replay.default
     with eager_graphs.graph_replay(False):
         assert not eager_graphs.enabled()
         with eager_graphs.graph_replay(True):
             assert eager_graphs.enabled()
         assert not eager_graphs.enabled()
-    assert eager_graphs.enabled() == eager_graphs._DEFAULT
+    assert eager_graphs.enabled() == eager_graphs.graph_replay.default
 
 
 def test_cpu_forward_never_touches_the_cache(seed):
