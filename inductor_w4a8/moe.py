@@ -15,6 +15,8 @@ token quantized once and written to its top_k expert-sorted rows -> experts: two
 around the activation -> combine: the weighted sum of a token's rows).
 
 It runs on CPU (the ops' CPU kernels), CUDA (Triton) and meta tensors (the fake kernels).
+Eagerly, when nothing observes the dispatcher, the same kernels are called directly (eager.py)
+and, at decode sizes on CUDA, replayed from a CUDA graph of the whole block (eager_graphs.py).
 """
 from __future__ import annotations
 
