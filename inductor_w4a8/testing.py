@@ -95,6 +95,20 @@ def poisoned_empty():
         yield
 
 
+def capture_cuda_graph(fn, *args):
+    """(graph, out): fn(*args) run once on a side stream (warm-up, as torch's docs ask), then
+    captured into a CUDA graph whose replays rewrite `out` from the same argument tensors."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(*args)
+    return graph, out
+
+
 def routing_choice_scores(router_logits: torch.Tensor, correction_bias: torch.Tensor | None,
                           scoring: str) -> tuple[torch.Tensor, torch.Tensor]:
     """fp64 (scores, choice) of vLLM routing: scores weigh the experts, choice = scores + bias picks them."""

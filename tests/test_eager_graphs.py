@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from inductor_w4a8 import eager_graphs
+from inductor_w4a8.testing import capture_cuda_graph
 
 from compile_utils import make_inputs, make_moe
 
@@ -145,14 +146,7 @@ def test_cuda_inside_a_user_capture_the_kernels_are_captured(seed):
         for _ in range(4):
             expected = moe(x, logits)        # this module already replays its own graph
         static_x, static_logits = x.clone(), logits.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            moe(static_x, static_logits)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = moe(static_x, static_logits)
+        graph, out = capture_cuda_graph(moe, static_x, static_logits)
         x2, logits2 = make_inputs(2, moe, seed=seed + 1)
         static_x.copy_(x2)
         static_logits.copy_(logits2)

@@ -369,14 +369,7 @@ def test_cuda_block_graph_capture(scale_mode, seed):
                           device="cuda")
     T = 512
     x, logits = inputs(T, layer, device="cuda")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        layer(x, logits)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = layer(x, logits)
+    graph, out = testing.capture_cuda_graph(layer, x, logits)
     for _ in range(2):
         x.copy_(torch.randn(T, layer.hidden_size).to(torch.bfloat16))
         logits.copy_(torch.randn(T, layer.num_experts))
