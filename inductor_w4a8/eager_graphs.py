@@ -15,26 +15,28 @@ waits, replays and copies run on the caller's current stream.
 Used when: CUDA; T <= MAX_TOKENS (above it the host time hides behind the kernels); the direct
 path unchecked (so never with value checks on); not inside another capture (a serving loop's own
 graphs capture the kernels as before); graph_replay on (the default; `graph_replay(False)` or
-W4A8_EAGER_GRAPHS=0 turn it off). At most MAX_GRAPHS keys per module; the least recently used
-graph is dropped.
+W4A8_EAGER_GRAPHS=0 turn it off). At most MAX_GRAPHS graphs per module, the least recently used
+dropped; one graph per (key, parameter addresses, stream, inference mode); a capture that fails
+warns once and leaves that key to the direct path.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
+import threading
+import warnings
 
 import torch
 
 from .switches import ThreadSwitch
 
 GRAPHS_ENV = "W4A8_EAGER_GRAPHS"
-GRAPHS_ATTR = "_w4a8_eager_graphs"   # per module: OrderedDict key -> _SEEN or _Graph
+GRAPHS_ATTR = "_w4a8_eager_graphs"   # per module: its _Cache
 # Memory: each captured forward holds its static inputs and a private pool with the block's
 # intermediates (GLM-4.6 layer: ~0.2 MB at T = 1, ~2.5 MB at T = 16), per module, so a model's
 # worst case is MAX_GRAPHS graphs of MAX_TOKENS tokens in every MoE layer.
 MAX_TOKENS = 16
 MAX_GRAPHS = 4
-_SEEN = "seen once"   # a key's first unchecked call runs directly; the next one captures
 
 
 # graph_replay(False): forbid eager graph replay of W4A8MoE forwards in this thread (default: allowed)
@@ -43,19 +45,24 @@ enabled = graph_replay.enabled
 
 
 class _Graph:
-    """One captured forward: its static inputs, its output buffer and the graph."""
+    """One captured forward: its static inputs, its output buffer and the graph. Replays hold a
+    lock from the input copies to the output clone, so that two threads sharing a stream cannot
+    interleave their copies between the other's copy and replay."""
 
-    __slots__ = ("graph", "x", "logits", "out", "device")
+    __slots__ = ("graph", "x", "logits", "out", "lock")
 
     def __init__(self, run, x: torch.Tensor, logits: torch.Tensor):
-        self.device = x.device
+        self.lock = threading.Lock()
         self.x = torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
         self.logits = torch.empty_like(logits, memory_format=torch.contiguous_format).copy_(logits)
         self.graph = torch.cuda.CUDAGraph()
-        current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
+        current = torch.cuda.current_stream(x.device)
+        side = _capture_stream(x.device)
         side.wait_stream(current)
         with torch.cuda.stream(side):
+            # once uncaptured on the static buffers (their strides may specialize a kernel the
+            # caller's tensors did not: any compile happens here, not inside the capture)
+            run(self.x, self.logits)
             self.graph.capture_begin(capture_error_mode="thread_local")
             try:
                 self.out = run(self.x, self.logits)
@@ -64,10 +71,44 @@ class _Graph:
         current.wait_stream(side)
 
     def replay(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        self.x.copy_(x)
-        self.logits.copy_(logits)
-        self.graph.replay()
-        return self.out.clone()
+        with self.lock:
+            self.x.copy_(x)
+            self.logits.copy_(logits)
+            self.graph.replay()
+            return self.out.clone()
+
+
+_FAILED = "capture failed"   # this key runs the kernels directly from now on
+_capture_streams: dict = {}
+_streams_lock = threading.Lock()
+
+
+def _capture_stream(device: torch.device):
+    """One side stream per device for every capture (not a new one from torch's pool each time,
+    which could be a stream another thread is using)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with _streams_lock:
+        stream = _capture_streams.get(index)
+        if stream is None:
+            stream = _capture_streams[index] = torch.cuda.Stream(index)
+    return stream
+
+
+class _Cache:
+    """A module's graphs (least recently used first) and the keys seen once, apart, so that a
+    key seen once never evicts a graph."""
+
+    __slots__ = ("graphs", "seen", "lock")
+
+    def __init__(self):
+        self.graphs: collections.OrderedDict = collections.OrderedDict()
+        self.seen: collections.OrderedDict = collections.OrderedDict()
+        self.lock = threading.Lock()
+
+    def __reduce__(self):
+        # copy.deepcopy / pickle of the module (torch.save): graphs belong to the original's
+        # parameters and cannot be copied; the copy starts empty
+        return (_Cache, ())
 
 
 def _device_guard(device: torch.device):
@@ -81,34 +122,62 @@ def _eligible(hidden_states: torch.Tensor) -> bool:
             and not torch.cuda.is_current_stream_capturing())
 
 
+def _stream_id(device: torch.device):
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+
+
 def captured_keys(moe) -> int:
     """How many forwards of this module have a captured graph (tests, diagnostics)."""
-    return sum(isinstance(e, _Graph) for e in moe.__dict__.get(GRAPHS_ATTR, {}).values())
+    cache = moe.__dict__.get(GRAPHS_ATTR)
+    return 0 if cache is None else sum(isinstance(e, _Graph) for e in cache.graphs.values())
+
+
+def _graph_key(moe, key, device: torch.device):
+    # the graph bakes in the parameters' addresses (a parameter whose storage moved is a new key);
+    # one graph per stream (its static buffers belong to that stream: no cross-stream sharing or
+    # freeing under a running replay); inference mode apart (its static buffers would be
+    # inference tensors, which a later call outside inference mode could not copy into)
+    return (key, tuple(None if p is None else p.data_ptr() for p in moe._parameters.values()),
+            _stream_id(device), torch.is_inference_mode_enabled())
+
+
+def _entry(moe, graph_key, run, hidden_states, router_logits):
+    """The key's graph (captured now if it was seen once before), or None (run directly)."""
+    cache = moe.__dict__.get(GRAPHS_ATTR)
+    if cache is None:
+        cache = moe.__dict__.setdefault(GRAPHS_ATTR, _Cache())
+    with cache.lock:
+        entry = cache.graphs.get(graph_key)
+        if entry is not None:
+            cache.graphs.move_to_end(graph_key)
+            return None if entry is _FAILED else entry
+        if graph_key not in cache.seen:
+            cache.seen[graph_key] = True
+            while len(cache.seen) > 4 * MAX_GRAPHS:
+                cache.seen.popitem(last=False)
+            return None
+        del cache.seen[graph_key]
+        try:
+            entry = _Graph(run, hidden_states, router_logits)
+        except Exception as exc:  # noqa: BLE001  (the direct path still runs; say why once)
+            warnings.warn(f"W4A8MoE eager graph replay: capturing a forward of {hidden_states.shape[0]} "
+                          f"tokens failed ({exc!r}); this shape runs its kernels directly", stacklevel=3)
+            entry = _FAILED
+        cache.graphs[graph_key] = entry
+        while len(cache.graphs) > MAX_GRAPHS:
+            cache.graphs.popitem(last=False)
+        return None if entry is _FAILED else entry
 
 
 def replay(moe, run, key, hidden_states: torch.Tensor, router_logits: torch.Tensor):
     """The forward's output from a graph replay, or None when the caller is to run the kernels
-    itself (not eligible, or this key's first unchecked call). `run(x, logits)` runs the block's
-    unchecked kernels; `key` is eager.direct_kernels' key of this forward."""
+    itself (not eligible, this key's first unchecked call, or its capture failed). `run(x,
+    logits)` runs the block's unchecked kernels; `key` is eager.direct_kernels' key."""
     if not _eligible(hidden_states):
         return None
-    # the graph bakes in the parameters' addresses: a parameter whose storage moved is a new key
-    graph_key = (key, tuple(None if p is None else p.data_ptr() for p in moe._parameters.values()))
-    cache = moe.__dict__.get(GRAPHS_ATTR)
-    if cache is None:
-        cache = moe.__dict__[GRAPHS_ATTR] = collections.OrderedDict()
-    entry = cache.get(graph_key)
-    if entry is None:
-        cache[graph_key] = _SEEN
-        while len(cache) > MAX_GRAPHS:
-            cache.popitem(last=False)
-        return None
     with _device_guard(hidden_states.device):
-        if entry is _SEEN:
-            entry = cache[graph_key] = _Graph(run, hidden_states, router_logits)
-        else:
-            cache.move_to_end(graph_key)
-        return entry.replay(hidden_states, router_logits)
+        entry = _entry(moe, _graph_key(moe, key, hidden_states.device), run, hidden_states, router_logits)
+        return None if entry is None else entry.replay(hidden_states, router_logits)
 
 
 def clear(moe) -> None:

@@ -65,7 +65,7 @@ def test_seen_once_then_captured_then_replayed(stub_capture, seed):
         assert eager_graphs.GRAPHS_ATTR not in moe.__dict__
         outs = [moe(x, logits) for _ in range(4)]     # seen, capture + replay, replay, replay
     assert stub_capture.captures == 1
-    graph, = [e for e in moe.__dict__[eager_graphs.GRAPHS_ATTR].values()]
+    graph, = [e for e in moe.__dict__[eager_graphs.GRAPHS_ATTR].graphs.values()]
     assert graph.replays == 3
     for out in outs:
         assert torch.equal(out, expected)
@@ -91,9 +91,86 @@ def test_cache_drops_the_least_recently_used(stub_capture, seed):
             x, logits = make_inputs(T, moe, seed=seed)
             for _ in range(3):
                 moe(x, logits)
+        x, logits = make_inputs(3, moe, seed=seed)
+        moe(x, logits)                                   # T = 3 used again: now the most recent
+        x, logits = make_inputs(eager_graphs.MAX_TOKENS, moe, seed=seed)
+        moe(x, logits)
+        moe(x, logits)                                   # seen once only: evicts no graph
     cache = moe.__dict__[eager_graphs.GRAPHS_ATTR]
-    assert len(cache) == eager_graphs.MAX_GRAPHS
-    assert [key[0][0][0] for key in cache] == list(range(3, eager_graphs.MAX_GRAPHS + 3))  # T of each
+    assert len(cache.graphs) == eager_graphs.MAX_GRAPHS
+    expected = [*range(4, eager_graphs.MAX_GRAPHS + 3), 3]
+    assert [key[0][0][0] for key in cache.graphs] == expected   # T of each, least recent first
+
+
+def test_a_new_capture_is_the_most_recent(stub_capture, seed):
+    moe = make_moe(seed=seed % 1000)
+    with torch.no_grad():
+        for T in (1, 2):
+            x, logits = make_inputs(T, moe, seed=seed)
+            for _ in range(3):
+                moe(x, logits)
+        x, logits = make_inputs(5, moe, seed=seed)
+        moe(x, logits)      # checked
+        moe(x, logits)      # seen
+        x1, logits1 = make_inputs(1, moe, seed=seed)
+        moe(x1, logits1)    # T = 1 replayed: most recent
+        moe(x, logits)      # T = 5 captured: now the most recent
+    assert [key[0][0][0] for key in moe.__dict__[eager_graphs.GRAPHS_ATTR].graphs] == [2, 1, 5]
+
+
+def test_inference_mode_is_its_own_graph(stub_capture, seed):
+    """Static buffers made under inference_mode are inference tensors, which a call outside it
+    could not copy into: the mode is part of the key."""
+    moe = make_moe(seed=seed % 1000)
+    x, logits = make_inputs(3, moe, seed=seed)
+    for _ in range(3):
+        with torch.inference_mode():
+            moe(x, logits)
+        with torch.no_grad():
+            moe(x, logits)
+    assert stub_capture.captures == 2
+
+
+def test_a_failed_capture_warns_once_and_runs_directly(monkeypatch, seed):
+    class _Failing:
+        attempts = 0
+
+        def __init__(self, run, x, logits):
+            type(self).attempts += 1
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(eager_graphs, "_Graph", _Failing)
+    monkeypatch.setattr(eager_graphs, "_eligible", lambda x: True)
+    moe = make_moe(seed=seed % 1000)
+    x, logits = make_inputs(2, moe, seed=seed)
+    with torch.no_grad():
+        expected = moe(x, logits)
+        moe(x, logits)
+        with pytest.warns(UserWarning, match="capturing a forward of 2 tokens failed"):
+            out = moe(x, logits)
+        outs = [moe(x, logits) for _ in range(3)]
+    assert _Failing.attempts == 1
+    for o in [out, *outs]:
+        assert torch.equal(o, expected)
+
+
+def test_module_copies_start_with_an_empty_cache(stub_capture, seed):
+    import copy
+    import io
+    moe = make_moe(seed=seed % 1000)
+    x, logits = make_inputs(2, moe, seed=seed)
+    with torch.no_grad():
+        for _ in range(3):
+            moe(x, logits)
+    assert eager_graphs.captured_keys(moe) == 1
+    twin = copy.deepcopy(moe)
+    buffer = io.BytesIO()
+    torch.save(moe, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert eager_graphs.captured_keys(twin) == 0 and eager_graphs.captured_keys(loaded) == 0
+    with torch.no_grad():
+        assert torch.equal(twin(x, logits), moe(x, logits))
 
 
 def test_a_moved_parameter_is_a_new_graph(stub_capture, seed):
@@ -172,3 +249,33 @@ def test_cuda_a_moved_parameter_is_recaptured(seed):
     assert eager_graphs.captured_keys(moe) == 2
     for out in outs:
         assert torch.equal(out, expected)
+
+
+@pytest.mark.cuda
+def test_cuda_streams_and_inference_mode_get_their_own_graphs(seed):
+    """Replays alternating between two streams, and a capture under inference_mode followed by
+    calls outside it: every result the direct path's, one graph per (stream, mode)."""
+    moe = make_moe(device="cuda", seed=seed % 1000)
+    inputs = [make_inputs(3, moe, seed=seed + i) for i in range(4)]
+    other = torch.cuda.Stream()
+    with torch.no_grad():
+        with eager_graphs.graph_replay(False):
+            expected = [moe(x, logits) for x, logits in inputs]
+        outs = []
+        for round_ in range(4):
+            for i, (x, logits) in enumerate(inputs):
+                if i % 2:
+                    other.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(other):
+                        outs.append((i, moe(x, logits)))
+                    torch.cuda.current_stream().wait_stream(other)
+                else:
+                    outs.append((i, moe(x, logits)))
+        with torch.inference_mode():
+            for x, logits in inputs:
+                moe(x, logits)
+        outs += [(i, moe(x, logits)) for i, (x, logits) in enumerate(inputs)]
+    torch.cuda.synchronize()
+    assert eager_graphs.captured_keys(moe) == 3
+    for i, out in outs:
+        assert torch.equal(out, expected[i]), i
