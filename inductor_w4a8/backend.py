@@ -14,8 +14,8 @@ validation, same mode presets). Options named "w4a8.*" are ours:
                        Inductor's generated code (one torch.cond over its tile regimes);
                        "extern": Inductor calls the w4a8::grouped_gemm op.
     w4a8.fuse          ops replaced by their pure-torch definitions so Inductor fuses them:
-                       a list of op names, "default" (quantize_fp8_per_token,
-                       silu_mul_quantize_fp8, combine), "all" or "none".
+                       a list of op names, "default" (none: DEFAULT_FUSED, by
+                       measurement), "all" or "none".
     w4a8.mode          an Inductor mode ("max-autotune", ...) given inside `options`:
                        torch.compile refuses `mode=` and `options=` together.
 

@@ -238,11 +238,16 @@ def effective_group_scales(w_scale: torch.Tensor, w_chan_scale: torch.Tensor | N
 # fp8 math: scale conversion (vLLM's contract) and per-token activation quantization
 # --------------------------------------------------------------------------------------------
 def divide_exactly(x: torch.Tensor, divisor: float) -> torch.Tensor:
-    """x / divisor, IEEE-rounded on every device. torch on CUDA multiplies by the reciprocal when
-    the divisor is a Python number, one ulp off the true quotient for some x (amax = 3.875:
-    3.875 * (1 / 448) != 3.875 / 448 in fp32), and an fp8 rounding tie then flips many elements
-    of a row; a 0-dim tensor divisor is divided truly everywhere (and by the kernels' div_rn)."""
-    return x / x.new_full((), divisor)
+    """Floating x / divisor, IEEE-rounded in eager mode on every device (as the kernels' div_rn).
+    torch on CUDA multiplies by the reciprocal when the divisor is a Python number, one ulp off
+    the true quotient for some x (amax = 3.875: 3.875 * (1 / 448) != 3.875 / 448 in fp32), and an
+    fp8 rounding tie then flips many elements of a row; a 0-dim tensor divisor is divided truly.
+    (Under Inductor the constant is folded into a multiplication again: the opt-in decompositions
+    of lowerings/decompositions.py say so; the kernels never run this code.)"""
+    if not x.is_floating_point():
+        raise TypeError(f"divide_exactly: x must be a floating tensor, got {x.dtype}")
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return x.to(dtype) / torch.full((), divisor, dtype=dtype, device=x.device)
 
 
 def fp8_row_scale(amax: torch.Tensor) -> torch.Tensor:

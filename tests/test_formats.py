@@ -308,6 +308,15 @@ def test_quantize_fp8_per_token_divides_truly_on_every_device(device, seed):
     assert u8(q.cpu())[0, 1] == np_e4m3_bits(np.float32([176.0]))[0]
 
 
+def test_divide_exactly_promotes_to_fp32_and_refuses_integers():
+    x = torch.tensor([3.875, 1.0, -7.5], dtype=torch.bfloat16)
+    out = formats.divide_exactly(x, 448.0)
+    assert out.dtype == torch.float32
+    np.testing.assert_array_equal(out.numpy(), x.float().numpy() / np.float32(448))
+    with pytest.raises(TypeError, match="floating"):
+        formats.divide_exactly(torch.tensor([7], dtype=torch.int32), 7.5)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_quantize_w4_scales_divide_truly_on_every_device(device, seed):
     w = (torch.randn(64, 512) * 0.05).to(torch.bfloat16)

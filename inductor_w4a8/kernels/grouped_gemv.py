@@ -13,9 +13,10 @@ keep HBM busy. The math is fp32 FMA on CUDA cores:
     activation is pre-scaled by 16^-c (nibbles 5..7 are read from the word shifted by 20);
   * the activations are read in the layout's nibble order (formats.py: nibble p of word w of
     chunk j is K = 32 j + 16 (p // 4) + 4 w + p % 4), so no weight is ever permuted;
-  * q * a is exact in fp32 and summed in fp32 per group, then scaled by s[e, n, g] in fp32 and
-    accumulated: the numerics contract of the tensor-core kernel (q * s never rounded), with
-    fp32 (not wgmma's reduced-precision) sums inside each group.
+  * q * a is exact in fp32, and so is the sum of a word's 8 products; each word's sum is scaled
+    by its group's s[e, n, g] in fp32 and accumulated per word slot, and the word slots are summed
+    once per tile: the numerics contract of the tensor-core kernel (q * s never rounded), with
+    fp32 (not wgmma's reduced-precision) sums.
 Persistent grid from shapes, the tile list from the offsets on the device (expert_tiles.py),
 int64 rows: memory-safe for any offsets, CUDA-graph safe.
 """
