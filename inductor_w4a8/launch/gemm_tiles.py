@@ -29,7 +29,8 @@ class GemmTile:
     # cannot run (no Hopper GPU, the interpreter, a trace through wrap_triton) the launcher
     # runs WGMMA_FALLBACK instead.
     # "gemv": kernels/grouped_gemv.py (CUDA cores, decode): block_m is 1 or 2 rows of one expert,
-    # num_stages is unused, groups_per_step 1..4.
+    # num_stages is unused, groups_per_step 1..4. Not in GEMM_TILES: on the H200 it is slower than
+    # the Triton kernel at M = 1 and 2 (docs/perf.md, session 5), so it runs only when asked for.
     kernel: str = "triton"
 
     def as_dict(self) -> dict:
