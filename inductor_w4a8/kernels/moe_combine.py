@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from .bf16 import fp32_to_bf16
+from .rows import clamped_row
 
 
 @triton.jit
@@ -22,7 +23,7 @@ def combine_kernel(y_ptr, f2s_ptr, w_ptr, out_ptr, T, H, R, TOP_K: tl.constexpr,
     acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float64)
     for j in tl.static_range(TOP_K):
         r = tl.load(f2s_ptr + t * TOP_K + j, mask=t_ok, other=0)
-        r = tl.minimum(tl.maximum(r, 0), R - 1).to(tl.int64)
+        r = clamped_row(r, R)
         w = tl.load(w_ptr + t * TOP_K + j, mask=t_ok, other=0.0).to(tl.float64)
         y = tl.load(y_ptr + r[:, None] * H + h[None, :], mask=mask, other=0.0)
         acc += w[:, None] * y.to(tl.float64)

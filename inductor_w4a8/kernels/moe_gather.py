@@ -7,6 +7,8 @@ copy is bit exact. One program copies a [BLOCK_R, BLOCK_K] tile; source rows are
 import triton
 import triton.language as tl
 
+from .rows import clamped_row
+
 
 @triton.jit
 def gather_rows_kernel(xq_ptr, xs_ptr, rows_ptr, a_ptr, as_ptr, R, T, K, top_k,
@@ -15,7 +17,7 @@ def gather_rows_kernel(xq_ptr, xs_ptr, rows_ptr, a_ptr, as_ptr, R, T, K, top_k,
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = r < R
     src = tl.load(rows_ptr + r, mask=r_ok, other=0) // top_k
-    src = tl.minimum(tl.maximum(src, 0), T - 1).to(tl.int64)
+    src = clamped_row(src, T)
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = r_ok[:, None] & (k < K)[None, :]
     v = tl.load(xq_ptr + src[:, None] * K + k[None, :], mask=mask)

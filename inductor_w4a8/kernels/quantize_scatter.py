@@ -14,13 +14,13 @@ import triton
 import triton.language as tl
 
 from .fp8 import bf16_row_fp8_scale, quantize_e4m3_bits
+from .rows import clamped_row
 
 
 @triton.jit
 def _sorted_row(f2s_ptr, pair, R):
     """Sorted row of flat pair index `pair`, clamped into [0, R), as int64."""
-    pos = tl.load(f2s_ptr + pair)
-    return tl.minimum(tl.maximum(pos, 0), R - 1).to(tl.int64)
+    return clamped_row(tl.load(f2s_ptr + pair), R)
 
 
 @triton.jit
