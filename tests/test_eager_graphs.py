@@ -102,6 +102,26 @@ def test_cache_drops_the_least_recently_used(stub_capture, seed):
     assert [key[0][0][0] for key in cache.graphs] == expected   # T of each, least recent first
 
 
+def test_cache_stays_bounded_over_many_shapes(stub_capture, seed):
+    """Many token counts and parameter moves: never more than MAX_GRAPHS graphs and
+    4 * MAX_GRAPHS keys seen once per module (what bounds the memory the cache holds)."""
+    moe = make_moe(seed=seed % 1000)
+    cache_sizes, old_storages = [], []   # kept alive: a freed address could come back as a new one
+    with torch.no_grad():
+        for T in range(1, eager_graphs.MAX_TOKENS + 1):
+            for move in range(3):
+                old_storages.append(moe.w2_group_scale.data)
+                moe.w2_group_scale.data = moe.w2_group_scale.data.clone()   # a new key each time
+                x, logits = make_inputs(T, moe, seed=seed)
+                for _ in range(3):
+                    moe(x, logits)
+                cache = moe.__dict__[eager_graphs.GRAPHS_ATTR]
+                cache_sizes.append((len(cache.graphs), len(cache.seen)))
+    assert max(g for g, _ in cache_sizes) == eager_graphs.MAX_GRAPHS
+    assert max(s for _, s in cache_sizes) <= 4 * eager_graphs.MAX_GRAPHS
+    assert stub_capture.captures == 3 * eager_graphs.MAX_TOKENS
+
+
 def test_a_new_capture_is_the_most_recent(stub_capture, seed):
     moe = make_moe(seed=seed % 1000)
     with torch.no_grad():
