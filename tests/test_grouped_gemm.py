@@ -253,6 +253,32 @@ else:
         assert rel_error(out[5:], ref[5:]) <= TOL_INTERP
 
 
+    import triton
+    import triton.language as tl
+    from inductor_w4a8.kernels.int4_decode import layout_v3_k
+
+    @triton.jit
+    def k_of(out_ptr, WORDS: tl.constexpr):
+        words = tl.arange(0, WORDS)
+        for p in tl.static_range(8):
+            tl.store(out_ptr + words * 8 + p, layout_v3_k(words, p))
+
+    def test_interp_layout_v3_k_is_the_formats_layout():
+        """The device-side nibble -> K map (int4_decode.layout_v3_k) against formats' own
+        definition: encode_gemm_layout of a one-hot row, per natural K position."""
+        words = 2 * formats.GEMM_CHUNK // 8        # two chunks: the chunk index matters too
+        k = torch.empty(words * 8, dtype=torch.int32)
+        k_of[(1,)](k, WORDS=words)
+        K = words * 8
+        natural = torch.arange(K)
+        for pos in range(K):
+            q = torch.zeros(1, 1, K, dtype=torch.int64)
+            q[0, 0, pos] = 1
+            enc, _ = formats.encode_gemm_layout(formats.pack_int4(q, biased=False))
+            stream = formats.unpack_int4(enc, biased=False)[0, 0]   # nibble-stream order
+            assert int(k[stream.nonzero().item()]) == int(natural[pos]), pos
+
+
     GEMV_TILES = [GemmTile(1, 64, 4, 1, 2, 1, kernel="gemv"), GemmTile(2, 32, 2, 1, 3, 2, kernel="gemv"),
                   GemmTile(1, 16, 1, 1, 2, 4, kernel="gemv")]
 

@@ -25,55 +25,14 @@ import triton.language as tl
 
 from .expert_tiles import expert_m_tiles, locate_m_tile
 from .fp8 import e4m3_bits_to_fp32
-
-
-
-@triton.jit
-def _magic_nibble(word, p: tl.constexpr):
-    """fp32 2^23 + (q + 8) 16^place of nibble p, its bits made with plain ops (the interpreter's
-    path): (n & mask) ^ (8 << 4 place) is (q + 8) << 4 place, under 2^23's exponent bits. `word`
-    is the layout-v3 word (p <= 4) or it shifted right by 20 (p >= 5)."""
-    place: tl.constexpr = p if p <= 4 else p - 5
-    bits = (word & (0xF << (4 * place))) ^ (0x4B000000 | (8 << (4 * place)))
-    return bits.to(tl.float32, bitcast=True)
-
-
-# The same 8 values as _q_times_16_pow's (before the bias subtraction), from one word in 11
-# instructions: the biased nibbles 0..4 under 2^23's exponent once per word, then one AND with
-# one immediate per nibble. Inline PTX because LLVM folds (w ^ c) & m back into (w & m) ^ c',
-# which needs two constants per nibble (a register move each on sm_90).
-S4X8_TO_MAGIC_F32_PTX = tl.constexpr(" ".join((
-    "{",
-    ".reg .b32 lo, hi;",
-    "and.b32 lo, $8, 0x000FFFFF;",
-    "xor.b32 lo, lo, 0x4B088888;",
-    "shr.u32 hi, $8, 20;",
-    "xor.b32 hi, hi, 0x4B000888;",
-    "and.b32 $0, lo, 0x7F80000F;",
-    "and.b32 $1, lo, 0x7F8000F0;",
-    "and.b32 $2, lo, 0x7F800F00;",
-    "and.b32 $3, lo, 0x7F80F000;",
-    "and.b32 $4, lo, 0x7F8F0000;",
-    "and.b32 $5, hi, 0x7F80000F;",
-    "and.b32 $6, hi, 0x7F8000F0;",
-    "and.b32 $7, hi, 0x7F800F00;",
-    "}",
-)))
+from .int4_decode import layout_v3_k, s4x8_to_magic_f32
 
 
 @triton.jit
-def _magic_nibbles_asm(w):
-    f32 = tl.float32
-    return tl.inline_asm_elementwise(asm=S4X8_TO_MAGIC_F32_PTX, constraints="=r,=r,=r,=r,=r,=r,=r,=r,r",
-                                     args=[w], dtype=(f32, f32, f32, f32, f32, f32, f32, f32),
-                                     is_pure=True, pack=1)
-
-
-@triton.jit
-def _a_nibble(a_row, kbase, p: tl.constexpr, valid, HW: tl.constexpr):
+def _a_nibble(a_row, k0, words, p: tl.constexpr, valid, HW: tl.constexpr):
     """fp32 [GW]: row a_row's activation for nibble p of each word of the group, times
     16^-place (exact: fp8 values are >= 2^-9), 0 where not valid."""
-    ab = tl.load(a_row + kbase + (16 * (p // 4) + p % 4), mask=valid, other=0)
+    ab = tl.load(a_row + k0 + layout_v3_k(words, p), mask=valid, other=0)
     place: tl.constexpr = p if p <= 4 else p - 5
     return e4m3_bits_to_fp32(ab, HW) * (1.0 / 16.0 ** place)
 
@@ -86,23 +45,18 @@ def _group_partials(w_rows, a_row0, a_row1, g, nmask, valid0, valid1, words,
     words only once per tile."""
     GW: tl.constexpr = GROUP // 8
     w = tl.load(w_rows + (g * GW + words)[None, :], mask=nmask[:, None], other=0)   # int32 [BN, GW]
-    kbase = g * GROUP + 32 * (words // 4) + 4 * (words % 4)                            # [GW]
+    k0 = g * GROUP   # a group is whole 32-K chunks, so its words' K offsets are the layout's
     part0 = tl.zeros(w.shape, dtype=tl.float32)
     part1 = tl.zeros(w.shape, dtype=tl.float32)
-    if USE_ASM:
-        m0, m1, m2, m3, m4, m5, m6, m7 = _magic_nibbles_asm(w)
-    else:
-        w_hi = (w.to(tl.uint32, bitcast=True) >> 20).to(tl.int32, bitcast=True)      # nibbles 5..7
-        m0, m1, m2, m3 = _magic_nibble(w, 0), _magic_nibble(w, 1), _magic_nibble(w, 2), _magic_nibble(w, 3)
-        m4, m5, m6, m7 = _magic_nibble(w, 4), _magic_nibble(w_hi, 5), _magic_nibble(w_hi, 6), _magic_nibble(w_hi, 7)
+    m0, m1, m2, m3, m4, m5, m6, m7 = s4x8_to_magic_f32(w, USE_ASM)
     for p in tl.static_range(8):
         m = m0 if p == 0 else m1 if p == 1 else m2 if p == 2 else m3 if p == 3 else \
             m4 if p == 4 else m5 if p == 5 else m6 if p == 6 else m7
         # q * 16^place, exact (place = p, or p - 5 for nibbles 5..7 read from the word >> 20)
         q = m - (8388608.0 + 8.0 * 16.0 ** (p if p <= 4 else p - 5))
-        part0 += q * _a_nibble(a_row0, kbase, p, valid0, HW)[None, :]
+        part0 += q * _a_nibble(a_row0, k0, words, p, valid0, HW)[None, :]
         if TWO_ROWS:
-            part1 += q * _a_nibble(a_row1, kbase, p, valid1, HW)[None, :]
+            part1 += q * _a_nibble(a_row1, k0, words, p, valid1, HW)[None, :]
     return part0, part1
 
 

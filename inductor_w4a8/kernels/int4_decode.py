@@ -1,5 +1,7 @@
-"""The layout-v3 int4 -> e4m3 decode on the device, written once (formats.py holds the host
-definition of the layout, `encode_gemm_layout` / `decode_gemm_layout`).
+"""The layout-v3 int4 decodes on the device, written once (formats.py holds the host definition
+of the layout, `encode_gemm_layout` / `decode_gemm_layout`): to e4m3 for the tensor-core kernels
+(below), to fp32 for the CUDA-core decode kernel (`s4x8_to_magic_f32`), and the nibble -> K map
+(`layout_v3_k`).
 
 One layout-v3 word (4 bytes = 8 signed nibbles) -> (e4m3 of nibbles 0..3, e4m3 of nibbles 4..7),
 each 4 fp8 in one 32-bit register. CUTLASS-style lookup: PRMT indexes an 8-byte table with a
@@ -65,3 +67,69 @@ def s4_tile_to_fp8_asm(b, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
     # element c = 16 j + 4 w + i of the two outputs: K = 32 j + 4 w + i and 32 j + 16 + 4 w + i
     wq = tl.join(wlo, whi).reshape(BLOCK_N, GROUP // 32, 4, 4, 2)   # [n, j, w, i, h]
     return tl.permute(wq, (0, 1, 4, 2, 3)).reshape(BLOCK_N, GROUP)
+
+
+@triton.jit
+def layout_v3_k(word, nibble: tl.constexpr):
+    """K index (within the row) of nibble `nibble` of layout-v3 word index `word` (formats.py:
+    chunk j = word // 4, w = word % 4; nibble p < 4 -> 32 j + 4 w + p, else 32 j + 16 + 4 w + p - 4),
+    for kernels that read the activations in the weights' nibble order."""
+    return 32 * (word // 4) + 4 * (word % 4) + (16 * (nibble // 4) + nibble % 4)
+
+
+@triton.jit
+def _magic_nibble_ops(word, p: tl.constexpr):
+    """fp32 2^23 + (q + 8) 16^place of nibble p, its bits made with plain ops (the interpreter's
+    path): (n & mask) ^ (8 << 4 place) is (q + 8) << 4 place, under 2^23's exponent bits. `word`
+    is the layout-v3 word (p <= 4) or it shifted right by 20 (p >= 5)."""
+    place: tl.constexpr = p if p <= 4 else p - 5
+    bits = (word & (0xF << (4 * place))) ^ (0x4B000000 | (8 << (4 * place)))
+    return bits.to(tl.float32, bitcast=True)
+
+
+# The same 8 values as _magic_nibble_ops gives, from one word in 11
+# instructions: the biased nibbles 0..4 under 2^23's exponent once per word, then one AND with
+# one immediate per nibble. Inline PTX because LLVM folds (w ^ c) & m back into (w & m) ^ c',
+# which needs two constants per nibble (a register move each on sm_90).
+S4X8_TO_MAGIC_F32_PTX = tl.constexpr(" ".join((
+    "{",
+    ".reg .b32 lo, hi;",
+    "and.b32 lo, $8, 0x000FFFFF;",
+    "xor.b32 lo, lo, 0x4B088888;",
+    "shr.u32 hi, $8, 20;",
+    "xor.b32 hi, hi, 0x4B000888;",
+    "and.b32 $0, lo, 0x7F80000F;",
+    "and.b32 $1, lo, 0x7F8000F0;",
+    "and.b32 $2, lo, 0x7F800F00;",
+    "and.b32 $3, lo, 0x7F80F000;",
+    "and.b32 $4, lo, 0x7F8F0000;",
+    "and.b32 $5, hi, 0x7F80000F;",
+    "and.b32 $6, hi, 0x7F8000F0;",
+    "and.b32 $7, hi, 0x7F800F00;",
+    "}",
+)))
+
+
+@triton.jit
+def _magic_nibbles_asm(w):
+    f32 = tl.float32
+    return tl.inline_asm_elementwise(asm=S4X8_TO_MAGIC_F32_PTX, constraints="=r,=r,=r,=r,=r,=r,=r,=r,r",
+                                     args=[w], dtype=(f32, f32, f32, f32, f32, f32, f32, f32),
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def s4x8_to_magic_f32(w, USE_ASM: tl.constexpr):
+    """int32 layout-v3 words -> 8 fp32 tensors of its shape, nibble p (two's complement q) as
+    2^23 + (q + 8) * 16^c with c = p for p <= 4 and p - 5 above: subtracting 2^23 + 8 * 16^c
+    gives q * 16^c exactly (no int -> float converts, no per-nibble shifts). USE_ASM: the
+    11-instruction PTX (compiled); else plain ops (the interpreter)."""
+    if USE_ASM:
+        m0, m1, m2, m3, m4, m5, m6, m7 = _magic_nibbles_asm(w)
+    else:
+        w_hi = (w.to(tl.uint32, bitcast=True) >> 20).to(tl.int32, bitcast=True)      # nibbles 5..7
+        m0, m1 = _magic_nibble_ops(w, 0), _magic_nibble_ops(w, 1)
+        m2, m3 = _magic_nibble_ops(w, 2), _magic_nibble_ops(w, 3)
+        m4, m5 = _magic_nibble_ops(w, 4), _magic_nibble_ops(w_hi, 5)
+        m6, m7 = _magic_nibble_ops(w_hi, 6), _magic_nibble_ops(w_hi, 7)
+    return m0, m1, m2, m3, m4, m5, m6, m7
