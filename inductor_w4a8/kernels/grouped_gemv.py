@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .expert_tiles import expert_m_tiles, locate_m_tile
 from .fp8 import e4m3_bits_to_fp32
-from .int4_decode import layout_v3_k, s4x8_to_magic_f32
+from .int4_decode import layout_v3_k, s4x8_to_scaled_f32
 
 
 @triton.jit
@@ -48,12 +48,10 @@ def _group_partials(w_rows, a_row0, a_row1, g, nmask, valid0, valid1, words,
     k0 = g * GROUP   # a group is whole 32-K chunks, so its words' K offsets are the layout's
     part0 = tl.zeros(w.shape, dtype=tl.float32)
     part1 = tl.zeros(w.shape, dtype=tl.float32)
-    m0, m1, m2, m3, m4, m5, m6, m7 = s4x8_to_magic_f32(w, USE_ASM)
+    q0, q1, q2, q3, q4, q5, q6, q7 = s4x8_to_scaled_f32(w, USE_ASM)     # q * 16^c
     for p in tl.static_range(8):
-        m = m0 if p == 0 else m1 if p == 1 else m2 if p == 2 else m3 if p == 3 else \
-            m4 if p == 4 else m5 if p == 5 else m6 if p == 6 else m7
-        # q * 16^place, exact (place = p, or p - 5 for nibbles 5..7 read from the word >> 20)
-        q = m - (8388608.0 + 8.0 * 16.0 ** (p if p <= 4 else p - 5))
+        q = q0 if p == 0 else q1 if p == 1 else q2 if p == 2 else q3 if p == 3 else \
+            q4 if p == 4 else q5 if p == 5 else q6 if p == 6 else q7
         part0 += q * _a_nibble(a_row0, k0, words, p, valid0, HW)[None, :]
         if TWO_ROWS:
             part1 += q * _a_nibble(a_row1, k0, words, p, valid1, HW)[None, :]

@@ -1,6 +1,6 @@
 """The layout-v3 int4 decodes on the device, written once (formats.py holds the host definition
 of the layout, `encode_gemm_layout` / `decode_gemm_layout`): to e4m3 for the tensor-core kernels
-(below), to fp32 for the CUDA-core decode kernel (`s4x8_to_magic_f32`), and the nibble -> K map
+(below), to fp32 for the CUDA-core decode kernel (`s4x8_to_scaled_f32`), and the nibble -> K map
 (`layout_v3_k`).
 
 One layout-v3 word (4 bytes = 8 signed nibbles) -> (e4m3 of nibbles 0..3, e4m3 of nibbles 4..7),
@@ -119,11 +119,12 @@ def _magic_nibbles_asm(w):
 
 
 @triton.jit
-def s4x8_to_magic_f32(w, USE_ASM: tl.constexpr):
-    """int32 layout-v3 words -> 8 fp32 tensors of its shape, nibble p (two's complement q) as
-    2^23 + (q + 8) * 16^c with c = p for p <= 4 and p - 5 above: subtracting 2^23 + 8 * 16^c
-    gives q * 16^c exactly (no int -> float converts, no per-nibble shifts). USE_ASM: the
-    11-instruction PTX (compiled); else plain ops (the interpreter)."""
+def s4x8_to_scaled_f32(w, USE_ASM: tl.constexpr):
+    """int32 layout-v3 words -> 8 fp32 tensors of its shape: nibble p (two's complement q) as
+    q * 16^c exactly, c = p for p <= 4 and p - 5 above (the caller scales its other operand by
+    16^-c). Each is read as 2^23 + (q + 8) * 16^c and the bias subtracted: no int -> float
+    converts, no per-nibble shifts. USE_ASM: the 11-instruction PTX (compiled); else plain ops
+    (the interpreter)."""
     if USE_ASM:
         m0, m1, m2, m3, m4, m5, m6, m7 = _magic_nibbles_asm(w)
     else:
@@ -132,4 +133,5 @@ def s4x8_to_magic_f32(w, USE_ASM: tl.constexpr):
         m2, m3 = _magic_nibble_ops(w, 2), _magic_nibble_ops(w, 3)
         m4, m5 = _magic_nibble_ops(w, 4), _magic_nibble_ops(w_hi, 5)
         m6, m7 = _magic_nibble_ops(w_hi, 6), _magic_nibble_ops(w_hi, 7)
-    return m0, m1, m2, m3, m4, m5, m6, m7
+    return (m0 - 8388616.0, m1 - 8388736.0, m2 - 8390656.0, m3 - 8421376.0, m4 - 8912896.0,
+            m5 - 8388616.0, m6 - 8388736.0, m7 - 8390656.0)    # 2^23 + 8 * 16^c
