@@ -137,9 +137,14 @@ def inspect_sass(tag):
 
 
 def parse_tile(text: str) -> GemmTile:
-    """"BM,BN,warps,stages,programs_per_sm[,groups_per_step[,kernel]]" -> GemmTile."""
+    """"BM,BN,warps,stages,programs_per_sm[,groups_per_step][,kernel][,p]" -> GemmTile; a
+    trailing "p" sets prefetch_scales."""
     fields = text.split(",")
-    return GemmTile(*map(int, fields[:6]), *fields[6:])
+    prefetch = fields[-1] == "p"
+    fields = fields[:-1] if prefetch else fields
+    numbers = [int(f) for f in fields[:6] if f.isdigit()]
+    names = [f for f in fields[len(numbers):]]
+    return GemmTile(*numbers, *names, prefetch_scales=prefetch)
 
 
 def time_variants(m_list, variants, fb=True, rep=100):
@@ -174,7 +179,7 @@ def time_variants(m_list, variants, fb=True, rep=100):
                 log("fbgemm failed", repr(exc)[:300])
         cands = [("auto", None)] + [(v, parse_tile(v)) for v in variants]
         for name, tile in cands:
-            if tile is not None and ((tile.block_m <= 32 and M >= 1024) or (tile.block_m >= 128 and M <= 64)):
+            if tile is not None and ((tile.block_m <= 32 and M > 1024) or (tile.block_m >= 128 and M <= 64)):
                 continue
             per = {}
             for n, (N, K) in gemms.items():

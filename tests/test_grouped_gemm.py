@@ -212,6 +212,9 @@ else:
         (5, 9, 130, 192, 64, 4, GemmTile(64, 64, 4, 2, 1, 2)),        # more experts than rows
         (0, 4, 64, 128, 128, 0, None),                                # R = 0
         (40, 6, 64, 128, 128, 6, None),                               # all experts empty but...
+        (70, 7, 200, 96, 32, 2, GemmTile(16, 64, 4, 2, 1, 2, prefetch_scales=True)),  # odd K // G
+        (37, 5, 136, 192, 64, 1, GemmTile(32, 64, 4, 2, 1, 1, prefetch_scales=True)),
+        (6, 160, 128, 256, 128, 0, None),                             # R <= DECODE_ROWS: DECODE_TILE
     ]
 
     @pytest.mark.parametrize("case", range(len(INTERP_CASES)))
@@ -229,7 +232,8 @@ else:
     def test_interp_every_table_tile(seed):
         args = make_case(45, 3, 64, 128, 64, mode="exact")
         ref = ref_of(args)
-        for _, tile in GEMM_TILES:
+        from inductor_w4a8.launch.gemm_tiles import DECODE_TILE
+        for tile in [DECODE_TILE] + [t for _, t in GEMM_TILES]:
             out = launch(*args, tile=tile, out=poisoned_out(args))
             assert rel_error(out, ref) <= TOL_INTERP, tile
 

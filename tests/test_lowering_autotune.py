@@ -30,9 +30,8 @@ triton = pytest.importorskip("triton")
 # the candidates, as data
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("N,K", GLM_SHAPES)
-@pytest.mark.parametrize("regime", range(len(GEMM_TILES)))
-def test_candidates_valid_unique_default_first(regime, N, K):
-    tile = GEMM_TILES[regime][1]
+@pytest.mark.parametrize("tile", [gemm_tiles.DECODE_TILE] + [t for _, t in GEMM_TILES])
+def test_candidates_valid_unique_default_first(tile, N, K):
     cands = candidate_tiles(tile, N, K, 128)
     assert cands[0] == tile
     assert 4 <= len(cands) <= gemm_tiles.MAX_CANDIDATES
@@ -100,7 +99,7 @@ def _tile_of(config, like):
 
 
 def test_early_prune_uses_the_kernel_arguments():
-    tile = GEMM_TILES[0][1]                         # 16 x 64, two groups per step
+    tile = GEMM_TILES[0][1]                         # 16 tokens, two groups per step
     tiles = gemm_lowering.autotune_tiles(tile, 128)
     prune = gemm_lowering.prune_invalid_configs(tile)
     configs = _configs_of(tiles)
@@ -154,26 +153,27 @@ def test_default_mode_traces_the_regime_tile_unchanged():
     assert len(grids) == 1
     R, N, E = case[0].shape[0], case[2].shape[1], case[2].shape[0]
     assert grids[0][0] == gemm_tiles.grid_size(tile, R, N, E, torch.device("cpu"))
-    assert (kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["GROUPS_PER_STEP"]) == (16, 64, 2)
+    assert (kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["GROUPS_PER_STEP"], kwargs["PREFETCH_SCALES"]) == \
+        (tile.block_m, tile.block_n, tile.groups_per_step, tile.prefetch_scales)
 
 
 @pytest.mark.parametrize("regime", [0, len(GEMM_TILES) - 1])
 def test_max_autotune_traces_one_autotuner_over_the_pruned_candidates(regime):
-    case = _case(R=600, E=3, N=48, K=128)            # N = 48, one group: the prune has work to do
+    case = _case(R=600, E=3, N=96, K=128)            # one group along K: the prune has work to do
     tile = GEMM_TILES[regime][1]
     kernel, grids, kwargs = _trace(tile, True, case)
     assert isinstance(kernel, triton.runtime.Autotuner)
     tiles = [_tile_of(c, tile) for c in kernel.configs]
     assert tiles[0] == tile
     assert tiles == [t for t in gemm_lowering.autotune_tiles(tile, 128)
-                     if t == tile or not tile_problems(t, 48, 128, 128)]
+                     if t == tile or not tile_problems(t, 96, 128, 128)]
     assert 1 < len(tiles) < len(gemm_lowering.autotune_tiles(tile, 128))
     # the configs carry the tile; the launch carries the rest; one grid per config, from its blocks
     assert not set(gemm_lowering.TUNED_KERNEL_ARGS) & set(kwargs)
     assert kwargs["GROUP"] == 128 and kwargs["HAS_CHAN"] is True
     assert len(grids) == len(tiles)
     for t, grid in zip(tiles, grids):
-        assert grid[0] == gemm_tiles.grid_size(t, 600, 48, 3, torch.device("cpu"))
+        assert grid[0] == gemm_tiles.grid_size(t, 600, 96, 3, torch.device("cpu"))
 
 
 def test_max_autotune_compile_on_cpu_matches_eager():

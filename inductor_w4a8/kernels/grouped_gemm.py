@@ -31,17 +31,23 @@ def _max_combine(x, y):
 
 
 @triton.jit
-def _group_dot(w_rows, a_rows, s_rows, g, nmask, rmask, kh, kk, BLOCK_N: tl.constexpr,
+def _group_scale(s_rows, g, KG, rn, nmask):
+    """The scales [BLOCK_N] of group g in their stored dtype; zero past the last group."""
+    return tl.load(s_rows + g, mask=nmask & ((rn * 0 + g) < KG), other=0.0)
+
+
+@triton.jit
+def _group_dot(w_rows, a_rows, g, nmask, rmask, kh, kk, BLOCK_N: tl.constexpr,
                GROUP: tl.constexpr, USE_ASM: tl.constexpr):
-    """fp32 [BLOCK_N, BLOCK_M] = q[:, group g] @ a[:, group g]^T, and the fp32 scales [BLOCK_N]."""
+    """fp32 [BLOCK_N, BLOCK_M] = q[:, group g] @ a[:, group g]^T. Masked loads, not clamped
+    rows: a masked cp.async fetches nothing, and most rows of a small-M tile are padding."""
     wb = tl.load(w_rows + (g * (GROUP // 2) + kh)[None, :], mask=nmask[:, None], other=0)
     at = tl.load(a_rows + (g * GROUP + kk)[None, :], mask=rmask[:, None], other=0.0)
-    sg = tl.load(s_rows + g, mask=nmask, other=0.0).to(tl.float32)
     if USE_ASM:
         wq = s4_tile_to_fp8_asm(wb, BLOCK_N, GROUP)
     else:
         wq = s4_tile_to_fp8_ops(wb, BLOCK_N, GROUP)
-    return tl.dot(wq, tl.trans(at)), sg
+    return tl.dot(wq, tl.trans(at))
 
 
 @triton.jit
@@ -50,7 +56,7 @@ def w4a8_grouped_gemm_kernel(
     R, N, K, E,
     GROUP: tl.constexpr, HAS_CHAN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
-    USE_ASM: tl.constexpr, GROUPS_PER_STEP: tl.constexpr,
+    USE_ASM: tl.constexpr, GROUPS_PER_STEP: tl.constexpr, PREFETCH_SCALES: tl.constexpr,
 ):
     """a fp8 [R, K] (rows sorted by expert), a_scale fp32 [R], w uint8 [E, N, K // 2] (layout v3),
     s fp8/bf16 [E, N, K // GROUP], chan fp32 [E, N] (if HAS_CHAN), off int64 [E + 1],
@@ -101,20 +107,38 @@ def w4a8_grouped_gemm_kernel(
         a_rows = a_ptr + rows[:, None] * K                    # [BLOCK_M, 1]
         s_rows = s_ptr + e64 * N * KG + rn64 * KG             # [BLOCK_N]
 
+        # PREFETCH_SCALES: the group scales are loaded one step ahead and carried in their
+        # stored dtype, converted where they are used, so a latency-bound step (one tile per
+        # program) does not wait for its own scale load. Off for throughput-bound tiles: the
+        # carried load then stalls the next step's copies (docs/perf.md, session 6).
+        if PREFETCH_SCALES:
+            s_next0 = _group_scale(s_rows, 0, KG, rn, nmask)
+            if GROUPS_PER_STEP == 2:
+                s_next1 = _group_scale(s_rows, 1, KG, rn, nmask)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for g in range(0, KG, GROUPS_PER_STEP):
             # one group per dot: its fp32 result times its scale, accumulated in fp32. Two
             # groups per step put two independent wgmma chains in flight before the first wait.
-            p0, s0 = _group_dot(w_rows, a_rows, s_rows, g, nmask, rmask, kh, kk, BLOCK_N, GROUP,
-                                USE_ASM)
-            if GROUPS_PER_STEP == 2:
-                nm1 = nmask & ((rn * 0 + g + 1) < KG)   # the last step of an odd KG has no 2nd group
-                rm1 = rmask & ((rm * 0 + g + 1) < KG)
-                p1, s1 = _group_dot(w_rows, a_rows, s_rows, g + 1, nm1, rm1,
-                                    kh, kk, BLOCK_N, GROUP, USE_ASM)
-                acc += p0 * s0[:, None] + p1 * s1[:, None]
+            if PREFETCH_SCALES:
+                s0 = s_next0
+                s_next0 = _group_scale(s_rows, g + GROUPS_PER_STEP, KG, rn, nmask)
             else:
-                acc += p0 * s0[:, None]
+                s0 = _group_scale(s_rows, g, KG, rn, nmask)
+            p0 = _group_dot(w_rows, a_rows, g, nmask, rmask, kh, kk, BLOCK_N, GROUP, USE_ASM)
+            if GROUPS_PER_STEP == 2:
+                # the last step of an odd KG has no second group: its loads are masked off
+                # and its scale is zero
+                if PREFETCH_SCALES:
+                    s1 = s_next1
+                    s_next1 = _group_scale(s_rows, g + GROUPS_PER_STEP + 1, KG, rn, nmask)
+                else:
+                    s1 = _group_scale(s_rows, g + 1, KG, rn, nmask)
+                has_g1 = (rn * 0 + g + 1) < KG
+                p1 = _group_dot(w_rows, a_rows, g + 1, nmask & has_g1, rmask & ((rm * 0 + g + 1) < KG),
+                                kh, kk, BLOCK_N, GROUP, USE_ASM)
+                acc += p0 * s0.to(tl.float32)[:, None] + p1 * s1.to(tl.float32)[:, None]
+            else:
+                acc += p0 * s0.to(tl.float32)[:, None]
 
         if HAS_CHAN:
             chan = tl.load(chan_ptr + e64 * N + rn64, mask=nmask, other=0.0)

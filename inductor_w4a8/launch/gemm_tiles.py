@@ -32,6 +32,9 @@ class GemmTile:
     # num_stages is unused, groups_per_step 1..4. Not in GEMM_TILES: on the H200 it is slower than
     # the Triton kernel at M = 1 and 2 (docs/perf.md, session 5), so it runs only when asked for.
     kernel: str = "triton"
+    # Triton kernel only: load each group's scales one K step ahead. Helps where each program
+    # runs one tile (latency bound, decode); slows throughput-bound tiles (docs/perf.md, session 6).
+    prefetch_scales: bool = False
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -41,15 +44,24 @@ class GemmTile:
 # Small row counts are weight-bandwidth bound: narrow token tiles, several programs per SM and
 # two groups per K step to keep enough weight bytes and wgmma chains in flight. Large row
 # counts: 128 tokens x 64 weight rows, 2 programs per SM so one converts while the other's
-# wgmma runs. Measured on the H100 (docs/perf.md); programs_per_sm must not exceed the
-# occupancy the kernel's registers allow, or persistent programs queue behind each other.
+# wgmma runs. Measured on the H200 (docs/perf.md, session 6). programs_per_sm must not exceed
+# the occupancy the kernel's registers allow (tests/test_gemm_tiles.py checks it on the sm_90
+# build), or persistent programs queue behind each other.
 GEMM_TILES: tuple[tuple[float, GemmTile], ...] = (
-    (16, GemmTile(block_m=16, block_n=64, num_warps=4, num_stages=3, programs_per_sm=4, groups_per_step=2)),
+    (16, GemmTile(block_m=16, block_n=128, num_warps=4, num_stages=3, programs_per_sm=2, groups_per_step=2)),
     (32, GemmTile(block_m=32, block_n=64, num_warps=4, num_stages=4, programs_per_sm=3)),
     (64, GemmTile(block_m=64, block_n=64, num_warps=4, num_stages=4, programs_per_sm=2)),
     (float("inf"), GemmTile(block_m=128, block_n=64, num_warps=4, num_stages=4, programs_per_sm=2)),
 )
 
+# Up to two tokens' routed rows at top-8 (decode of one or two sequences): every tile has its
+# own program, so the time is one tile's serial K loop, and a step's latency, not bandwidth,
+# sets it. Narrower weight tiles give more programs, and loading the group scales a step ahead
+# takes one global-memory latency off every step. On the H200 (docs/perf.md, session 6) this
+# tile beat the wider GEMM_TILES[0] at 1 and 2 tokens and lost to it at 16.
+DECODE_ROWS = 16
+DECODE_TILE = GemmTile(block_m=16, block_n=64, num_warps=4, num_stages=3, programs_per_sm=3,
+                       groups_per_step=2, prefetch_scales=True)
 
 WGMMA_KERNEL = "wgmma"
 GEMV_KERNEL = "gemv"
@@ -86,18 +98,22 @@ class GemmConstraints:
     programs_per_sm: int | None = None
     groups_per_step: int | None = None
     kernel: str | None = None
+    prefetch_scales: bool | None = None
 
     def apply(self, tile: GemmTile) -> GemmTile:
         fixed = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
         return dataclasses.replace(tile, **fixed)
 
 
-def choose_tile(R: int, N: int, K: int, E: int, group_size: int, *, table=GEMM_TILES,
+def choose_tile(R: int, N: int, K: int, E: int, group_size: int, *,
                 constraints: GemmConstraints | None = None) -> GemmTile:
-    """The tile for a problem, from shapes only: the table's row for the expected rows per
-    expert, with the fields `constraints` fixes replaced."""
-    rows = expected_rows_per_expert(R, E)
-    tile = next((t for bound, t in table if rows <= bound), table[-1][1])
+    """The tile for a problem, from shapes only: DECODE_TILE for at most DECODE_ROWS rows, else
+    the table's row for the expected rows per expert; then the fields `constraints` fixes."""
+    if 0 < R <= DECODE_ROWS:
+        tile = DECODE_TILE
+    else:
+        rows = expected_rows_per_expert(R, E)
+        tile = next((t for bound, t in GEMM_TILES if rows <= bound), GEMM_TILES[-1][1])
     return constraints.apply(tile) if constraints is not None else tile
 
 

@@ -68,6 +68,7 @@ def grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scal
                   BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
                   BLOCK_E=max(16, triton.next_power_of_2(E)),
                   USE_ASM=use_asm, GROUPS_PER_STEP=tile.groups_per_step,
+                  PREFETCH_SCALES=tile.prefetch_scales,
                   num_warps=tile.num_warps, num_stages=tile.num_stages)
     if wrap is None:   # eager: the compiled kernel launched directly after its first launch
         LAST_COMPILED = fast_launch(w4a8_grouped_gemm_kernel, grid, *args, **kwargs)

@@ -1,0 +1,72 @@
+"""launch/gemm_tiles.py: the tile table's choices and the occupancy its programs_per_sm assumes."""
+import glob
+import os
+import re
+import subprocess
+import tempfile
+
+import pytest
+
+from inductor_w4a8.launch import gemm_tiles
+from inductor_w4a8.launch.gemm_tiles import DECODE_ROWS, DECODE_TILE, GEMM_TILES, choose_tile
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+REGISTERS_PER_SM = 65536          # sm_90
+REGISTER_ALLOCATION_UNIT = 256    # registers are allocated per warp in units of 256
+
+
+def test_decode_rows_get_the_decode_tile_and_more_rows_the_table():
+    for R in range(1, DECODE_ROWS + 1):
+        assert choose_tile(R, 3072, 5120, 160, 128) == DECODE_TILE
+    assert choose_tile(DECODE_ROWS + 1, 3072, 5120, 160, 128) == GEMM_TILES[0][1]
+    assert choose_tile(8192 * 8, 3072, 5120, 160, 128) == GEMM_TILES[-1][1]
+    assert DECODE_TILE.prefetch_scales and not any(t.prefetch_scales for _, t in GEMM_TILES)
+    # a constraint still fixes a field of the decode tile
+    fixed = choose_tile(8, 3072, 5120, 160, 128,
+                        constraints=gemm_tiles.GemmConstraints(prefetch_scales=False))
+    assert fixed == gemm_tiles.dataclasses.replace(DECODE_TILE, prefetch_scales=False)
+
+
+def _sm90_registers(tile, scale_dtype="*fp8e4nv") -> int:
+    """Registers per thread of the Triton kernel built for sm_90 with this tile (cuobjdump)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from inductor_w4a8.kernels.grouped_gemm import w4a8_grouped_gemm_kernel
+    tools = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump"))
+    if not tools:
+        pytest.skip("this triton ships no cuobjdump")
+    sig = {"a_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "w_ptr": "*u8", "s_ptr": scale_dtype,
+           "chan_ptr": "*fp32", "off_ptr": "*i64", "out_ptr": "*bf16", "R": "i32", "N": "i32",
+           "K": "i32", "E": "i32"}
+    const = {"GROUP": 128, "HAS_CHAN": scale_dtype == "*fp8e4nv", "BLOCK_M": tile.block_m,
+             "BLOCK_N": tile.block_n, "BLOCK_E": 256, "USE_ASM": True,
+             "GROUPS_PER_STEP": tile.groups_per_step, "PREFETCH_SCALES": tile.prefetch_scales}
+    sig.update({c: "constexpr" for c in const})
+    attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 9)}
+    try:
+        compiled = triton.compile(ASTSource(fn=w4a8_grouped_gemm_kernel, signature=sig, constexprs=const,
+                                            attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": tile.num_warps, "num_stages": tile.num_stages})
+    except RuntimeError as e:  # no ptxas in this triton install: nothing to check here
+        if "ptxas" in str(e).lower():
+            pytest.skip(f"triton cannot assemble for sm_90 here: {e}")
+        raise
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([tools[0], "-res-usage", f.name], capture_output=True, text=True).stdout
+    return int(re.search(r"REG:(\d+)", usage).group(1))
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter does not compile")
+@pytest.mark.parametrize("tile", [DECODE_TILE] + [t for _, t in GEMM_TILES], ids=str)
+@pytest.mark.parametrize("scale_dtype", ["*fp8e4nv", "*bf16"])
+def test_programs_per_sm_fit_in_the_register_file(tile, scale_dtype):
+    """The persistent grid launches programs_per_sm programs per SM; if the registers hold fewer,
+    the rest wait for a whole program to finish (the table once asked for 4 where 3 fit)."""
+    regs = _sm90_registers(tile, scale_dtype)
+    per_warp = -(-regs * 32 // REGISTER_ALLOCATION_UNIT) * REGISTER_ALLOCATION_UNIT
+    resident = REGISTERS_PER_SM // (per_warp * tile.num_warps)
+    assert tile.programs_per_sm <= resident, (regs, resident)
