@@ -5,7 +5,8 @@
 1. correctness of the Triton kernel (asm and plain-op int4 unpack) against an fp32 reference
    on the GPU, small odd shapes and GLM-4.6 shapes (reference on a subset of experts);
 2. the compiled kernel's resources and SASS instruction counts (QGMMA present?);
-3. times of tile variants on the GLM-4.6 GEMMs (w13 + w2) at several M, beside FBGEMM.
+3. times of tile variants on the GLM-4.6 GEMMs (w13 + w2) at several M, beside FBGEMM: CUDA-graph
+   replays by default, as `bench` times them (`--timing eager`: do_bench of eager calls).
 --quick: the small correctness cases only and M in 1, 64, 1024 with fewer repetitions.
 Prints as it goes; with --out (default: $OUT when set) writes tune_log.txt and the kernels'
 TTGIR / SASS there, only when the whole run succeeded. GPU only.
@@ -138,16 +139,29 @@ def inspect_sass(tag):
 
 def parse_tile(text: str) -> GemmTile:
     """"BM,BN,warps,stages,programs_per_sm[,groups_per_step][,kernel][,p]" -> GemmTile; a
-    trailing "p" sets prefetch_scales."""
+    trailing "p" sets prefetch_scales. Raises ValueError / TypeError for anything else."""
     fields = text.split(",")
     prefetch = fields[-1] == "p"
     fields = fields[:-1] if prefetch else fields
-    numbers = [int(f) for f in fields[:6] if f.isdigit()]
-    names = [f for f in fields[len(numbers):]]
-    return GemmTile(*numbers, *names, prefetch_scales=prefetch)
+    n_numbers = 6 if len(fields) >= 6 and fields[5].isdigit() else 5
+    numbers = [int(f) for f in fields[:n_numbers]]
+    kernel = fields[n_numbers:]
+    if len(kernel) > 1:
+        raise ValueError(f"one kernel name at most after the numbers, got {kernel}")
+    return GemmTile(*numbers, **({"kernel": kernel[0]} if kernel else {}), prefetch_scales=prefetch)
 
 
-def time_variants(m_list, variants, fb=True, rep=100):
+def timer(timing: str, rep: int):
+    """us of one call of fn: "graph" = median CUDA-graph replay (how `bench` and a serving loop
+    run it), "eager" = triton's do_bench of eager calls; both flush the L2 before each call. The
+    two disagreed by up to 20% on the small-M tiles (docs/perf.md, session 6)."""
+    if timing == "graph":
+        return lambda fn: bench.graph_bench_us(fn, reps=max(rep // 2, 10))
+    return lambda fn: bench.do_bench_us(fn, rep=rep)
+
+
+def time_variants(m_list, variants, fb=True, rep=100, timing="graph"):
+    time_us = timer(timing, rep)
     dev = torch.device("cuda")
     torch.manual_seed(0)
     E, H, I, k = 160, 5120, 1536, 8
@@ -174,7 +188,7 @@ def time_variants(m_list, variants, fb=True, rep=100):
         if len(peers) == 2:
             fns = [peers[n].fns(*acts[n], off)["fbgemm"] for n in gemms]
             try:
-                row["fbgemm"] = round(bench.do_bench_us(lambda: [f() for f in fns], rep=rep), 1)
+                row["fbgemm"] = round(time_us(lambda: [f() for f in fns]), 1)
             except Exception as exc:  # noqa: BLE001
                 log("fbgemm failed", repr(exc)[:300])
         cands = [("auto", None)] + [(v, parse_tile(v)) for v in variants]
@@ -187,7 +201,7 @@ def time_variants(m_list, variants, fb=True, rep=100):
                 f = bench.ours_fn(*acts[n], weights[n], off, "fp8", tile=t)
                 try:
                     f()
-                    per[n] = bench.do_bench_us(f, rep=rep)
+                    per[n] = time_us(f)
                     if M in (64, 4096) and name in ("auto", "sass"):
                         inspect_sass(f"{n}_M{M}")
                 except Exception as exc:  # noqa: BLE001
@@ -209,10 +223,14 @@ def parse_args(argv):
                    help="token counts M timed (default: 1 16 64 256 1024 4096 8192)")
     p.add_argument("--variants", nargs="*", default=[],
                    help="extra tiles to time, each as block_m,block_n,num_warps,num_stages,"
-                        "programs_per_sm[,groups_per_step[,kernel]] (GemmTile's fields; kernel triton, wgmma or gemv)")
+                        "programs_per_sm[,groups_per_step[,kernel]][,p] (GemmTile's fields; kernel triton, wgmma or "
+                        "gemv; a trailing p sets prefetch_scales)")
     p.add_argument("--skip-check", action="store_true", help="skip the correctness checks")
     p.add_argument("--no-fbgemm", action="store_true", help="do not time FBGEMM beside ours")
-    p.add_argument("--rep", type=positive_int, default=None, help="do_bench repetitions (default: 100)")
+    p.add_argument("--rep", type=positive_int, default=None,
+                   help="do_bench repetitions; half as many graph replays (default: 100)")
+    p.add_argument("--timing", choices=("graph", "eager"), default="graph",
+                   help="graph: median CUDA-graph replay, as `bench` times (default); eager: do_bench")
     p.add_argument("--out", type=output_dir, default=os.environ.get("OUT") or None,
                    help="folder for tune_log.txt and the TTGIR / SASS files (default: $OUT when set, "
                         "else none); written only when the run succeeds")
@@ -238,7 +256,7 @@ def main(argv=None) -> int:
     if not args.skip_check:
         ok = check_correctness(quick=args.quick)
         log(f"correctness {'PASS' if ok else 'FAIL'} ({time.time() - t0:.0f}s)")
-    res = time_variants(args.m, args.variants, fb=not args.no_fbgemm, rep=args.rep)
+    res = time_variants(args.m, args.variants, fb=not args.no_fbgemm, rep=args.rep, timing=args.timing)
     log(json.dumps(res))
     log(f"total {time.time() - t0:.0f}s")
     if not ok:

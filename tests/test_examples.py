@@ -211,3 +211,24 @@ def test_serve_loop_short_on_gpu():
 def test_a_count_below_one_is_refused_by_argparse(name, args, capsys):
     p = call_example(capsys, name, *args)
     assert p.returncode == 2 and f"argument {args[0]}" in p.stderr and "must be a positive integer" in p.stderr
+
+
+def test_tune_tile_variants_parse_strictly(capsys):
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from tune_grouped_gemm import parse_tile
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    from inductor_w4a8.launch.gemm_tiles import DECODE_TILE, GemmTile
+    assert parse_tile("16,64,4,3,3,2,p") == DECODE_TILE
+    assert parse_tile("16,64,4,3,3,2") == GemmTile(16, 64, 4, 3, 3, 2)
+    assert parse_tile("16,64,4,3,3") == GemmTile(16, 64, 4, 3, 3)
+    assert parse_tile("2,128,4,1,4,2,gemv") == GemmTile(2, 128, 4, 1, 4, 2, kernel="gemv")
+    assert parse_tile("128,128,8,4,1,wgmma") == GemmTile(128, 128, 8, 4, 1, kernel="wgmma")
+    for bad in ("16,64,4,3,x", "16,64,4", "16,64,4,3,3,2,gemv,wgmma", "p"):
+        with pytest.raises((TypeError, ValueError)):
+            parse_tile(bad)
+    p = call_example(capsys, "tune_grouped_gemm.py", "--variants", "16,64,4,3,x")
+    assert p.returncode == 2 and "--variants 16,64,4,3,x: not a GemmTile" in p.stderr
+    p = call_example(capsys, "tune_grouped_gemm.py", "--timing", "wall")
+    assert p.returncode == 2 and "argument --timing" in p.stderr
