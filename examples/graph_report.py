@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -31,6 +30,7 @@ from inductor_w4a8 import value_checks
 from inductor_w4a8.cli import output_dir, positive_int, require_cuda
 from inductor_w4a8.cudagraph import CUDAGraphRunner
 from inductor_w4a8.testing import random_checkpoint_
+from inductor_w4a8.timing import events_us
 
 GLM = dict(num_experts=160, top_k=8, hidden_size=5120, intermediate_size=1536, group_size=128,
            scoring="sigmoid", n_group=1, topk_group=1, routed_scaling_factor=2.5)
@@ -49,26 +49,6 @@ def inputs(T: int, moe, device="cuda", seed=1):
     x = torch.randn(T, moe.hidden_size, device=device, generator=g).to(torch.bfloat16)
     logits = torch.randn(T, moe.num_experts, device=device, generator=g)
     return x, logits
-
-
-_FLUSH: dict = {}
-
-
-def median_us(fn, reps=50, warmup=5) -> float:
-    flush = _FLUSH.setdefault("buf", torch.empty(256 << 20, dtype=torch.int8, device="cuda"))
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
 
 
 def kernel_times_us(fn) -> list[tuple[str, float]]:
@@ -130,7 +110,7 @@ def report(args) -> dict:
             if graph is not None and T <= args.max_tokens:
                 paths["compiled+graph (replay)"] = graph.replay
             for name, fn in paths.items():
-                us = median_us(fn, reps=args.reps)
+                us = events_us(fn, reps=args.reps)
                 kernels = kernel_times_us(fn)
                 ksum = sum(t for _, t in kernels)
                 rows.append({"tokens": T, "path": name, "us": us, "kernel_sum_us": ksum,

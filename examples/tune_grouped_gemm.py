@@ -26,6 +26,7 @@ import inductor_w4a8  # noqa: F401
 from inductor_w4a8 import bench, formats
 from inductor_w4a8.cli import output_dir, positive_int, require_cuda
 from inductor_w4a8.launch import grouped_gemm as gg
+from inductor_w4a8.launch import gemm_tiles
 from inductor_w4a8.launch.gemm_tiles import GemmTile, choose_tile
 
 # what --out receives at the end of a successful run: file name -> text
@@ -137,6 +138,9 @@ def inspect_sass(tag):
     log("sass", json.dumps(info))
 
 
+KERNELS = ("triton", gemm_tiles.WGMMA_KERNEL, gemm_tiles.GEMV_KERNEL)
+
+
 def parse_tile(text: str) -> GemmTile:
     """"BM,BN,warps,stages,programs_per_sm[,groups_per_step][,kernel][,p]" -> GemmTile; a
     trailing "p" sets prefetch_scales. Raises ValueError / TypeError for anything else."""
@@ -146,8 +150,8 @@ def parse_tile(text: str) -> GemmTile:
     n_numbers = 6 if len(fields) >= 6 and fields[5].isdigit() else 5
     numbers = [int(f) for f in fields[:n_numbers]]
     kernel = fields[n_numbers:]
-    if len(kernel) > 1:
-        raise ValueError(f"one kernel name at most after the numbers, got {kernel}")
+    if len(kernel) > 1 or (kernel and kernel[0] not in KERNELS):
+        raise ValueError(f"after the numbers: one kernel name of {KERNELS} at most, got {kernel}")
     return GemmTile(*numbers, **({"kernel": kernel[0]} if kernel else {}), prefetch_scales=prefetch)
 
 

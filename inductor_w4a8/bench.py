@@ -29,6 +29,7 @@ import torch
 
 from . import cli, formats
 from .bench_block import BLOCK_M
+from .timing import do_bench_us, graph_bench_us  # noqa: F401  (the timers scripts use as bench.*)
 from .checks import value_checks
 
 E_GLM, HIDDEN_GLM, INTER_GLM, TOPK_GLM = 160, 5120, 1536, 8
@@ -216,48 +217,6 @@ class Peers:
             out["fbgemm"] = lambda: torch.ops.fbgemm.f8i4bf16_shuffled_grouped(a_fp8, wq, xs, rs, gs,
                                                                               sizes32)
         return out
-
-
-def do_bench_us(fn, rep=200) -> float:
-    """Median us of eager calls (triton.testing.do_bench, L2 flushed before each call)."""
-    import triton.testing
-    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median") * 1e3
-
-
-_FLUSH = {}
-
-
-def graph_bench_us(fn, reps=60, fallback_rep_ms=200) -> float:
-    """Median us of CUDA-graph replays of `fn` (how a serving loop runs it: no host overhead),
-    with the L2 flushed (256 MB written) before every replay. Falls back to do_bench when `fn`
-    cannot be captured."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            fn()
-    except Exception:  # noqa: BLE001 - not capturable: time it eagerly
-        torch.cuda.synchronize()
-        return do_bench_us(fn, rep=fallback_rep_ms)
-    flush = _FLUSH.setdefault("buf", torch.empty(256 << 20, dtype=torch.int8, device="cuda"))
-    graph.replay()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(reps)]
-    for start, end in events:
-        flush.zero_()
-        start.record()
-        graph.replay()
-        end.record()
-    torch.cuda.synchronize()
-    times = sorted(start.elapsed_time(end) * 1e3 for start, end in events)
-    del graph
-    return times[len(times) // 2]
 
 
 # ------------------------------------------------------------------------------------------

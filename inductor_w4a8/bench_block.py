@@ -74,7 +74,7 @@ def gemms_fn(layer, x, logits):
 
 
 def time_one(layer, compiled, M: int) -> dict:
-    from .bench import graph_bench_us
+    from .timing import graph_bench_us
     H, E = layer.hidden_size, layer.num_experts
     g = torch.Generator(device="cuda").manual_seed(M)
     x = torch.randn(M, H, device="cuda", generator=g).to(torch.bfloat16)

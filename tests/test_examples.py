@@ -225,7 +225,7 @@ def test_tune_tile_variants_parse_strictly(capsys):
     assert parse_tile("16,64,4,3,3") == GemmTile(16, 64, 4, 3, 3)
     assert parse_tile("2,128,4,1,4,2,gemv") == GemmTile(2, 128, 4, 1, 4, 2, kernel="gemv")
     assert parse_tile("128,128,8,4,1,wgmma") == GemmTile(128, 128, 8, 4, 1, kernel="wgmma")
-    for bad in ("16,64,4,3,x", "16,64,4", "16,64,4,3,3,2,gemv,wgmma", "p"):
+    for bad in ("16,64,4,3,x", "16,64,4", "16,64,4,3,3,2,gemv,wgmma", "p", "16,64,4,3,3,2,foo"):
         with pytest.raises((TypeError, ValueError)):
             parse_tile(bad)
     p = call_example(capsys, "tune_grouped_gemm.py", "--variants", "16,64,4,3,x")

@@ -146,14 +146,14 @@ def _ops(ttgir: str):
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter does not compile")
-@pytest.mark.parametrize("regime", [0, -1])
+@pytest.mark.parametrize("regime", ["decode", 0, -1])
 def test_sm90_code_of_both_modes_does_the_same_arithmetic(regime):
     """fp8 mode may differ from exact mode only in how the group scale becomes fp32 (fp8 -> fp32
     instead of bf16 -> fp32, both exact) and in one more fp32 multiply (by chan) in the epilogue:
     the same MMAs, the same promotion, the same sums, one rounding to bf16."""
     pytest.importorskip("triton")
-    from inductor_w4a8.launch.gemm_tiles import GEMM_TILES
-    tile = GEMM_TILES[regime][1]
+    from inductor_w4a8.launch.gemm_tiles import DECODE_TILE, GEMM_TILES
+    tile = DECODE_TILE if regime == "decode" else GEMM_TILES[regime][1]
     fp8_ops, fp8_dots, fp8_muls = _ops(_sm90_ttgir("fp8", tile))
     ex_ops, ex_dots, ex_muls = _ops(_sm90_ttgir("exact", tile))
     assert fp8_dots and fp8_dots == ex_dots

@@ -215,6 +215,7 @@ else:
         (70, 7, 200, 96, 32, 2, GemmTile(16, 64, 4, 2, 1, 2, prefetch_scales=True)),  # odd K // G
         (37, 5, 136, 192, 64, 1, GemmTile(32, 64, 4, 2, 1, 1, prefetch_scales=True)),
         (6, 160, 128, 256, 128, 0, None),                             # R <= DECODE_ROWS: DECODE_TILE
+        (9, 3, 72, 64, 64, 0, None),                                  # DECODE_TILE with one group
     ]
 
     @pytest.mark.parametrize("case", range(len(INTERP_CASES)))
@@ -334,14 +335,16 @@ def test_cuda_vs_reference(R, E, seed):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("G", [32, 64, 128])
-def test_cuda_every_tile_and_group_size(G, seed):
-    from inductor_w4a8.launch.gemm_tiles import GEMM_TILES, GemmTile
+@pytest.mark.parametrize("groups", [5, 4, 1])       # odd, even, a single group along K
+def test_cuda_every_tile_and_group_size(G, groups, seed):
+    from inductor_w4a8.launch.gemm_tiles import DECODE_TILE, GEMM_TILES, GemmTile
     from inductor_w4a8.launch.grouped_gemm import grouped_gemm as launch
-    args = make_case(777, 7, 264, 4 * G + G, G, empty=2, mode="fp8", device="cuda")
+    args = make_case(777, 7, 264, groups * G, G, empty=2, mode="fp8", device="cuda")
     ref = ref_of(args)
-    tiles = [t for _, t in GEMM_TILES] + [GemmTile(16, 64, 4, 4, 3, 2), GemmTile(128, 64, 4, 3, 2, 2),
-                                          GemmTile(128, 128, 8, 3, 1), GemmTile(64, 128, 8, 3, 1, 2)]
-    for tile in tiles:
+    tiles = [DECODE_TILE] + [t for _, t in GEMM_TILES] + [
+        GemmTile(16, 64, 4, 4, 3, 2), GemmTile(128, 64, 4, 3, 2, 2), GemmTile(128, 128, 8, 3, 1),
+        GemmTile(64, 128, 8, 3, 1, 2), GemmTile(64, 64, 4, 4, 2, 1, prefetch_scales=True)]
+    for tile in tiles:   # two groups a step with one group along K: the table picks that too
         out = launch(*args, tile=tile, out=poisoned_out(args))
         assert rel_error(out, ref) <= TOL_GPU, tile
 

@@ -80,7 +80,7 @@ def test_tile_problems_shape_dependent():
 
 def test_every_table_tile_is_valid_on_glm():
     for N, K in GLM_SHAPES:
-        for _, tile in GEMM_TILES:
+        for tile in [gemm_tiles.DECODE_TILE] + [t for _, t in GEMM_TILES]:
             assert tile_problems(tile, N, K, 128) == [], tile
 
 
@@ -142,9 +142,9 @@ def _trace(tile, max_autotune: bool, case):
     return kernel_side_table.get_kernel(node.kwargs["kernel_idx"]), node.kwargs["grid"], node.kwargs["kwargs"]
 
 
-def test_default_mode_traces_the_regime_tile_unchanged():
+@pytest.mark.parametrize("tile", [gemm_tiles.DECODE_TILE, GEMM_TILES[0][1]], ids=["decode", "row0"])
+def test_default_mode_traces_the_regime_tile_unchanged(tile):
     case = _case()
-    tile = GEMM_TILES[0][1]
     kernel, grids, kwargs = _trace(tile, False, case)
     # torch records launch knobs (num_warps / num_stages) as a one-config autotuner: nothing to tune
     configs = getattr(kernel, "configs", None)
@@ -157,10 +157,10 @@ def test_default_mode_traces_the_regime_tile_unchanged():
         (tile.block_m, tile.block_n, tile.groups_per_step, tile.prefetch_scales)
 
 
-@pytest.mark.parametrize("regime", [0, len(GEMM_TILES) - 1])
+@pytest.mark.parametrize("regime", ["decode", 0, len(GEMM_TILES) - 1])
 def test_max_autotune_traces_one_autotuner_over_the_pruned_candidates(regime):
     case = _case(R=600, E=3, N=96, K=128)            # one group along K: the prune has work to do
-    tile = GEMM_TILES[regime][1]
+    tile = gemm_tiles.DECODE_TILE if regime == "decode" else GEMM_TILES[regime][1]
     kernel, grids, kwargs = _trace(tile, True, case)
     assert isinstance(kernel, triton.runtime.Autotuner)
     tiles = [_tile_of(c, tile) for c in kernel.configs]

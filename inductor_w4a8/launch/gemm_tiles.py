@@ -41,8 +41,8 @@ class GemmTile:
 
 
 # (upper bound of the expected rows per active expert, tile), first match wins.
-# Small row counts are weight-bandwidth bound: narrow token tiles, several programs per SM and
-# two groups per K step to keep enough weight bytes and wgmma chains in flight. Large row
+# Small row counts are weight-bandwidth bound: narrow token tiles and two groups per K step to
+# keep enough weight bytes and wgmma chains in flight. Large row
 # counts: 128 tokens x 64 weight rows, 2 programs per SM so one converts while the other's
 # wgmma runs. Measured on the H200 (docs/perf.md, session 6). programs_per_sm must not exceed
 # the occupancy the kernel's registers allow (tests/test_gemm_tiles.py checks it on the sm_90
@@ -109,7 +109,7 @@ def choose_tile(R: int, N: int, K: int, E: int, group_size: int, *,
                 constraints: GemmConstraints | None = None) -> GemmTile:
     """The tile for a problem, from shapes only: DECODE_TILE for at most DECODE_ROWS rows, else
     the table's row for the expected rows per expert; then the fields `constraints` fixes."""
-    if 0 < R <= DECODE_ROWS:
+    if R <= DECODE_ROWS:   # R = 0 too, as the traced conds (R <= 16 first) choose
         tile = DECODE_TILE
     else:
         rows = expected_rows_per_expert(R, E)
