@@ -11,6 +11,8 @@ import statistics
 
 import torch
 
+from .testing import capture_cuda_graph
+
 FLUSH_BYTES = 256 << 20   # more than any GPU's L2: writing it evicts what a previous call left
 _FLUSH: dict = {}
 
@@ -46,17 +48,9 @@ def events_us(fn, reps=50, warmup=5) -> float:
 def graph_bench_us(fn, reps=60, fallback_rep_ms=200) -> float:
     """Median us of CUDA-graph replays of `fn`, with the L2 flushed before every replay. Falls
     back to do_bench when `fn` cannot be captured."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
+    fn()   # a first call outside the graph: any compile or autotune happens here
     try:
-        with torch.cuda.graph(graph):
-            fn()
+        graph, _ = capture_cuda_graph(fn)
     except Exception:  # noqa: BLE001 - not capturable: time it eagerly
         torch.cuda.synchronize()
         return do_bench_us(fn, rep=fallback_rep_ms)

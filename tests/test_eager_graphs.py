@@ -57,6 +57,13 @@ def stub_capture(monkeypatch):
     return _StubGraph
 
 
+def _until_captured(moe, x, logits):
+    """The calls that take a key to a captured graph: checked, seen once, captured (and replayed)."""
+    for _ in range(3):
+        out = moe(x, logits)
+    return out
+
+
 def test_seen_once_then_captured_then_replayed(stub_capture, seed):
     moe = make_moe(seed=seed % 1000)
     x, logits = make_inputs(3, moe, seed=seed)
@@ -88,9 +95,7 @@ def test_cache_drops_the_least_recently_used(stub_capture, seed):
     moe = make_moe(seed=seed % 1000)
     with torch.no_grad():
         for T in range(1, eager_graphs.MAX_GRAPHS + 3):
-            x, logits = make_inputs(T, moe, seed=seed)
-            for _ in range(3):
-                moe(x, logits)
+            _until_captured(moe, *make_inputs(T, moe, seed=seed))
         x, logits = make_inputs(3, moe, seed=seed)
         moe(x, logits)                                   # T = 3 used again: now the most recent
         x, logits = make_inputs(eager_graphs.MAX_TOKENS, moe, seed=seed)
@@ -112,9 +117,7 @@ def test_cache_stays_bounded_over_many_shapes(stub_capture, seed):
             for move in range(3):
                 old_storages.append(moe.w2_group_scale.data)
                 moe.w2_group_scale.data = moe.w2_group_scale.data.clone()   # a new key each time
-                x, logits = make_inputs(T, moe, seed=seed)
-                for _ in range(3):
-                    moe(x, logits)
+                _until_captured(moe, *make_inputs(T, moe, seed=seed))
                 cache = moe.__dict__[eager_graphs.GRAPHS_ATTR]
                 cache_sizes.append((len(cache.graphs), len(cache.seen)))
     assert max(g for g, _ in cache_sizes) == eager_graphs.MAX_GRAPHS
@@ -126,9 +129,7 @@ def test_a_new_capture_is_the_most_recent(stub_capture, seed):
     moe = make_moe(seed=seed % 1000)
     with torch.no_grad():
         for T in (1, 2):
-            x, logits = make_inputs(T, moe, seed=seed)
-            for _ in range(3):
-                moe(x, logits)
+            _until_captured(moe, *make_inputs(T, moe, seed=seed))
         x, logits = make_inputs(5, moe, seed=seed)
         moe(x, logits)      # checked
         moe(x, logits)      # seen
@@ -180,8 +181,7 @@ def test_module_copies_start_with_an_empty_cache(stub_capture, seed):
     moe = make_moe(seed=seed % 1000)
     x, logits = make_inputs(2, moe, seed=seed)
     with torch.no_grad():
-        for _ in range(3):
-            moe(x, logits)
+        _until_captured(moe, x, logits)
     assert eager_graphs.captured_keys(moe) == 1
     twin = copy.deepcopy(moe)
     buffer = io.BytesIO()
@@ -197,10 +197,9 @@ def test_a_moved_parameter_is_a_new_graph(stub_capture, seed):
     moe = make_moe(seed=seed % 1000)
     x, logits = make_inputs(4, moe, seed=seed)
     with torch.no_grad():
-        for _ in range(3):
-            moe(x, logits)
+        _until_captured(moe, x, logits)
         moe.w2_group_scale.data = moe.w2_group_scale.data.clone() * 2   # same Parameter, new storage
-        out = [moe(x, logits) for _ in range(3)][-1]
+        out = _until_captured(moe, x, logits)
         with eager_graphs.graph_replay(False):
             expected = moe(x, logits)
     assert stub_capture.captures == 2

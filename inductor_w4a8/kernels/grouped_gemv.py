@@ -92,11 +92,11 @@ def w4a8_grouped_gemv_kernel(
         w_rows = w_ptr + e64 * N * KW + rn64[:, None] * KW    # [BLOCK_N, 1]
         s_rows = s_ptr + e64 * N * KG + rn64 * KG             # [BLOCK_N]
         row1 = row0 + m_in + 1                                # int64; used when TWO_ROWS
-        # row validity as vectors (the interpreter turns bool-tensor & bool-scalar into int32)
-        ok0 = m_in < cnt
-        ok1 = (m_in + 1 < cnt) if TWO_ROWS else (cnt < 0)
-        ok0_w, ok1_w = (words * 0 + m_in) < cnt, (words * 0 + m_in + (1 if TWO_ROWS else cnt)) < cnt
-        ok0_n, ok1_n = (rn * 0 + m_in) < cnt, (rn * 0 + m_in + (1 if TWO_ROWS else cnt)) < cnt
+        # row validity as vectors (the interpreter turns bool-tensor & bool-scalar into int32);
+        # the second row's are read only when TWO_ROWS
+        ok0, ok1 = m_in < cnt, m_in + 1 < cnt
+        ok0_w, ok1_w = (words * 0 + m_in) < cnt, (words * 0 + m_in + 1) < cnt
+        ok0_n, ok1_n = (rn * 0 + m_in) < cnt, (rn * 0 + m_in + 1) < cnt
 
         acc0 = tl.zeros((BLOCK_N, GROUP // 8), dtype=tl.float32)
         acc1 = tl.zeros((BLOCK_N, GROUP // 8), dtype=tl.float32)
