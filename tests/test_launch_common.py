@@ -184,3 +184,66 @@ def test_real_kernel_under_the_interpreter_matches_torch():
     env = {**__import__("os").environ, "TRITON_INTERPRET": "1"}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------
+# programmatic dependent launch: PDL=True and launch_pdl=True together, only where they apply
+# ------------------------------------------------------------------------------------------
+class _PdlJit(_Jit):
+    """A kernel that takes PDL (as the forward's kernels do)."""
+
+    def __init__(self):
+        super().__init__()
+        def k(x_ptr, n, scale, BLOCK, FLAG=True, PDL=False):
+            pass
+        self.signature = inspect.signature(k)
+        self.params.append(_Param("PDL", True))
+        self.arg_names.append("PDL")
+
+
+def _gpu(monkeypatch, major):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (major, 0))
+
+
+@pytest.mark.parametrize("major,expect", [(9, True), (10, True), (8, False)])
+def test_pdl_on_sm90_and_newer_for_kernels_that_take_it(runtime, major, expect):
+    _gpu(runtime, major)
+    k, plain = _PdlJit(), _Jit()
+    for _ in range(2):   # the first launch (through the JIT) and the direct one see the same
+        _common.fast_launch(k, (3,), "x", 5, 1.5, BLOCK=64)
+        _common.fast_launch(plain, (3,), "x", 5, 1.5, BLOCK=64)
+    kwargs = k.normal[0][2]
+    assert (kwargs.get("PDL"), kwargs.get("launch_pdl")) == ((True, True) if expect else (None, None))
+    assert "PDL" not in plain.normal[0][2] and "launch_pdl" not in plain.normal[0][2]
+    assert len(k.normal) == 1 and len(k.compiled[0].direct) == 1
+
+
+def test_pdl_switch_turns_it_off_and_the_key_changes(runtime):
+    _gpu(runtime, 9)
+    k = _PdlJit()
+    _common.fast_launch(k, (3,), "x", 5, 1.5, BLOCK=64)
+    with _common.pdl_launches(False):
+        _common.fast_launch(k, (3,), "x", 5, 1.5, BLOCK=64)   # another specialization: the JIT
+    assert len(k.normal) == 2
+    assert k.normal[0][2].get("launch_pdl") is True and "launch_pdl" not in k.normal[1][2]
+
+
+def test_forward_kernels_take_pdl():
+    """Every kernel the block launches through fast_launch takes PDL and waits first."""
+    from inductor_w4a8.kernels import (fp8_quant, grouped_gemm, grouped_gemv, moe_combine, moe_gather,
+                                       moe_sort, quantize_scatter, route_and_quantize, routing,
+                                       silu_mul_quant)
+    kernels = [fp8_quant.quantize_fp8_per_token_kernel, grouped_gemm.w4a8_grouped_gemm_kernel,
+               grouped_gemv.w4a8_grouped_gemv_kernel, moe_combine.combine_kernel,
+               moe_gather.gather_rows_kernel, moe_sort.count_kernel, moe_sort.scan_kernel,
+               moe_sort.place_kernel, quantize_scatter.quantize_scatter_fp8_kernel,
+               route_and_quantize.route_and_quantize_one_token_kernel, routing.routing_kernel,
+               silu_mul_quant.silu_mul_quant_kernel]
+    import ast
+    import textwrap
+    for k in kernels:
+        assert "PDL" in k.arg_names and k.signature.parameters["PDL"].default is False, k.__name__
+        fn = ast.parse(textwrap.dedent(inspect.getsource(k.fn))).body[0]
+        body = [s for s in fn.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
+        assert ast.unparse(body[0]) == "wait_for_prior_kernels(PDL)", k.__name__

@@ -8,11 +8,14 @@ import triton
 import triton.language as tl
 
 from .fp8 import bf16_row_fp8_scale, quantize_e4m3_bits
+from .pdl import wait_for_prior_kernels
 
 
 @triton.jit
 def quantize_fp8_per_token_kernel(x_ptr, q_ptr, scale_ptr, K, MIN_SCALE: tl.constexpr,
-                                  BLOCK_K: tl.constexpr, HW: tl.constexpr):
+                                  BLOCK_K: tl.constexpr, HW: tl.constexpr,
+                                  PDL: tl.constexpr = False):
+    wait_for_prior_kernels(PDL)
     row = tl.program_id(0).to(tl.int64)
     base = row * K
     scale = bf16_row_fp8_scale(x_ptr, base, K, MIN_SCALE, BLOCK_K)

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .int4_decode import s4_tile_to_fp8_asm, s4_tile_to_fp8_ops
+from .pdl import wait_for_prior_kernels
 
 
 @triton.jit
@@ -57,10 +58,12 @@ def w4a8_grouped_gemm_kernel(
     GROUP: tl.constexpr, HAS_CHAN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
     USE_ASM: tl.constexpr, GROUPS_PER_STEP: tl.constexpr, PREFETCH_SCALES: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """a fp8 [R, K] (rows sorted by expert), a_scale fp32 [R], w uint8 [E, N, K // 2] (layout v3),
     s fp8/bf16 [E, N, K // GROUP], chan fp32 [E, N] (if HAS_CHAN), off int64 [E + 1],
     out bf16 [R, N]."""
+    wait_for_prior_kernels(PDL)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
 

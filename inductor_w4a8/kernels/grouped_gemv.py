@@ -26,6 +26,7 @@ import triton.language as tl
 from .expert_tiles import expert_m_tiles, locate_m_tile
 from .fp8 import e4m3_bits_to_fp32
 from .int4_decode import layout_v3_k, s4x8_to_scaled_f32
+from .pdl import wait_for_prior_kernels
 
 
 @triton.jit
@@ -65,10 +66,12 @@ def w4a8_grouped_gemv_kernel(
     GROUP: tl.constexpr, HAS_CHAN: tl.constexpr,
     TWO_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
     GROUPS_PER_STEP: tl.constexpr, HW: tl.constexpr, USE_ASM: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """a uint8 (fp8 bits) [R, K] (rows sorted by expert), a_scale fp32 [R], w int32 [E, N, K // 8]
     (layout v3), s fp8/bf16 [E, N, K // GROUP], chan fp32 [E, N] (if HAS_CHAN), off int64
     [E + 1], out bf16 [R, N]."""
+    wait_for_prior_kernels(PDL)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     BLOCK_M: tl.constexpr = 2 if TWO_ROWS else 1    # rows of one expert per tile

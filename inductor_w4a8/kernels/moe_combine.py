@@ -11,11 +11,14 @@ import triton.language as tl
 
 from .bf16 import fp32_to_bf16
 from .rows import clamped_row
+from .pdl import wait_for_prior_kernels
 
 
 @triton.jit
 def combine_kernel(y_ptr, f2s_ptr, w_ptr, out_ptr, T, H, R, TOP_K: tl.constexpr,
-                   BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, HW: tl.constexpr):
+                   BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, HW: tl.constexpr,
+                   PDL: tl.constexpr = False):
+    wait_for_prior_kernels(PDL)
     t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     t_ok = t < T

@@ -8,12 +8,14 @@ import triton
 import triton.language as tl
 
 from .rows import clamped_row
+from .pdl import wait_for_prior_kernels
 
 
 @triton.jit
 def gather_rows_kernel(xq_ptr, xs_ptr, rows_ptr, a_ptr, as_ptr, R, T, K, top_k,
-                       BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
     """xq [T, K] words, xs fp32 [T], rows int32 [R] -> a [R, K] words, as fp32 [R]."""
+    wait_for_prior_kernels(PDL)
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = r < R
     src = tl.load(rows_ptr + r, mask=r_ok, other=0) // top_k

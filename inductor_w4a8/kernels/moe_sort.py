@@ -22,6 +22,7 @@ memory out of bounds.
 """
 import triton
 import triton.language as tl
+from .pdl import wait_for_prior_kernels
 
 
 @triton.jit
@@ -37,8 +38,9 @@ def _chunk_onehot(ids_ptr, c, CHUNK, N, E, BLOCK_CHUNK: tl.constexpr, BLOCK_E: t
 
 @triton.jit
 def count_kernel(ids_ptr, counts_ptr, N, E, CHUNK, BLOCK_CHUNK: tl.constexpr,
-                 BLOCK_E: tl.constexpr):
+                 BLOCK_E: tl.constexpr, PDL: tl.constexpr = False):
     """counts[c, e] = pairs of expert e in chunk c."""
+    wait_for_prior_kernels(PDL)
     c = tl.program_id(0)
     _, _, onehot = _chunk_onehot(ids_ptr, c, CHUNK, N, E, BLOCK_CHUNK, BLOCK_E)
     experts = tl.arange(0, BLOCK_E)
@@ -47,8 +49,9 @@ def count_kernel(ids_ptr, counts_ptr, N, E, CHUNK, BLOCK_CHUNK: tl.constexpr,
 
 @triton.jit
 def scan_kernel(counts_ptr, prefix_ptr, totals_ptr, num_chunks, E, BLOCK_NC: tl.constexpr,
-                BLOCK_EE: tl.constexpr):
+                BLOCK_EE: tl.constexpr, PDL: tl.constexpr = False):
     """prefix[c, e] = sum_{c' < c} counts[c', e]; totals[e] = sum_c counts[c, e]."""
+    wait_for_prior_kernels(PDL)
     experts = tl.program_id(0) * BLOCK_EE + tl.arange(0, BLOCK_EE)
     e_ok = experts < E
     carry = tl.zeros([BLOCK_EE], dtype=tl.int32)
@@ -66,7 +69,8 @@ def scan_kernel(counts_ptr, prefix_ptr, totals_ptr, num_chunks, E, BLOCK_NC: tl.
 @triton.jit
 def place_kernel(ids_ptr, prefix_ptr, totals_ptr, sorted_rows_ptr, flat_to_sorted_ptr,
                  offsets_ptr, N, E, CHUNK, BLOCK_CHUNK: tl.constexpr, BLOCK_E: tl.constexpr,
-                 FUSED: tl.constexpr):
+                 FUSED: tl.constexpr, PDL: tl.constexpr = False):
+    wait_for_prior_kernels(PDL)
     c = tl.program_id(0)
     experts = tl.arange(0, BLOCK_E)
     e_ok = experts < E
@@ -96,7 +100,8 @@ def sort_one_token(ids, sorted_rows_ptr, flat_to_sorted_ptr, offsets_ptr, E, TOP
     round trip, so that routing and sorting one token are one launch.
 
     Pair j's sorted row is the number of pairs before it in (expert, j) order (stable);
-    expert_offsets[e] counts the pairs of experts below e, for e in [0, E].
+    expert_offsets[e] counts the pairs of experts below e, for e in [0, E]. Returns the sorted
+    rows by j (int32 [BLOCK_K], what flat_to_sorted holds).
     """
     j = tl.arange(0, BLOCK_K)
     valid = j < TOP_K
@@ -107,3 +112,4 @@ def sort_one_token(ids, sorted_rows_ptr, flat_to_sorted_ptr, offsets_ptr, E, TOP
     e = tl.arange(0, BLOCK_E1)
     below = (ids[:, None] < e[None, :]) & valid[:, None]
     tl.store(offsets_ptr + e, tl.sum(below.to(tl.int32), axis=0).to(tl.int64), mask=e <= E)
+    return pos

@@ -15,6 +15,7 @@ import triton.language as tl
 
 from .fp8 import bf16_row_fp8_scale, quantize_e4m3_bits
 from .rows import clamped_row
+from .pdl import wait_for_prior_kernels
 
 
 @triton.jit
@@ -25,8 +26,10 @@ def _sorted_row(f2s_ptr, pair, R):
 
 @triton.jit
 def quantize_scatter_fp8_kernel(x_ptr, f2s_ptr, a_ptr, a_scale_ptr, K, R, top_k,
-                                MIN_SCALE: tl.constexpr, BLOCK_K: tl.constexpr, HW: tl.constexpr):
+                                MIN_SCALE: tl.constexpr, BLOCK_K: tl.constexpr, HW: tl.constexpr,
+                                PDL: tl.constexpr = False):
     # top_k is a runtime loop bound, not unrolled: any top_k (up to E) compiles once, quickly
+    wait_for_prior_kernels(PDL)
     t = tl.program_id(0).to(tl.int64)
     x_base = t * K
     scale = bf16_row_fp8_scale(x_ptr, x_base, K, MIN_SCALE, BLOCK_K)

@@ -17,16 +17,15 @@ import triton
 import triton.language as tl
 
 from .moe_sort import sort_one_token
+from .pdl import wait_for_prior_kernels
 
 
 @triton.jit
-def routing_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, sorted_rows_ptr, flat_to_sorted_ptr,
-                   offsets_ptr, stride_t, E, n_group, group_len, topk_group, scaling,
-                   TOP_K: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_GL: tl.constexpr,
-                   BLOCK_K: tl.constexpr, SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   GROUPED: tl.constexpr, RENORMALIZE: tl.constexpr, SORT_ONE_TOKEN: tl.constexpr,
-                   BLOCK_E1: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
+def route_token(logits_ptr, bias_ptr, t, stride_t, E, n_group, group_len, topk_group, scaling,
+                TOP_K: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_GL: tl.constexpr,
+                BLOCK_K: tl.constexpr, SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr,
+                GROUPED: tl.constexpr, RENORMALIZE: tl.constexpr):
+    """(fp32 weights, int32 ids) [BLOCK_K] of token t (the first TOP_K valid): the steps above."""
     g = tl.arange(0, BLOCK_G)
     e = g[:, None] * group_len + tl.arange(0, BLOCK_GL)[None, :]
     valid = (g[:, None] < n_group) & (tl.arange(0, BLOCK_GL)[None, :] < group_len)
@@ -76,6 +75,22 @@ def routing_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, sorted_rows_ptr, 
     if RENORMALIZE:
         top_w = tl.math.div_rn(top_w, tl.maximum(tl.sum(top_w, axis=0), 1.1754943508222875e-38))
     top_w = top_w * scaling
+    return top_w, top_id
+
+
+@triton.jit
+def routing_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, sorted_rows_ptr, flat_to_sorted_ptr,
+                   offsets_ptr, stride_t, E, n_group, group_len, topk_group, scaling,
+                   TOP_K: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_GL: tl.constexpr,
+                   BLOCK_K: tl.constexpr, SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   GROUPED: tl.constexpr, RENORMALIZE: tl.constexpr, SORT_ONE_TOKEN: tl.constexpr,
+                   BLOCK_E1: tl.constexpr, PDL: tl.constexpr = False):
+    wait_for_prior_kernels(PDL)
+    t = tl.program_id(0).to(tl.int64)
+    top_w, top_id = route_token(logits_ptr, bias_ptr, t, stride_t, E, n_group, group_len,
+                                topk_group, scaling, TOP_K, BLOCK_G, BLOCK_GL, BLOCK_K, SOFTMAX,
+                                HAS_BIAS, GROUPED, RENORMALIZE)
+    kk = tl.arange(0, BLOCK_K)
     tl.store(weights_ptr + t * TOP_K + kk, top_w, mask=kk < TOP_K)
     tl.store(ids_ptr + t * TOP_K + kk, top_id, mask=kk < TOP_K)
     if SORT_ONE_TOKEN:

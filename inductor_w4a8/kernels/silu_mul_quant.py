@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from .fp8 import fp8_row_scale, quantize_e4m3_bits
+from .pdl import wait_for_prior_kernels
 
 
 @triton.jit
@@ -21,7 +22,9 @@ def _silu_mul(x_ptr, row_base, I, cols, mask):
 
 @triton.jit
 def silu_mul_quant_kernel(x_ptr, q_ptr, scale_ptr, I, MIN_SCALE: tl.constexpr,
-                          BLOCK_I: tl.constexpr, ONE_TILE: tl.constexpr, HW: tl.constexpr):
+                          BLOCK_I: tl.constexpr, ONE_TILE: tl.constexpr, HW: tl.constexpr,
+                          PDL: tl.constexpr = False):
+    wait_for_prior_kernels(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_base = row * 2 * I
     q_base = row * I

@@ -10,6 +10,11 @@ triton 3.6 and 3.9). Our key holds at least everything Triton specializes on (se
 direct launch is not known to be equivalent it falls back to `kernel[grid]`: under
 TRITON_INTERPRET=1, with launch hooks installed (profilers), when the JIT returned no
 `CompiledKernel`, or when FAST_LAUNCH is False.
+
+On sm_90+ GPUs `fast_launch` also launches every kernel that takes a `PDL` constexpr with
+programmatic dependent launch (kernels/pdl.py): PDL=True and Triton's `launch_pdl` option, always
+together. `pdl_launches(False)` (or W4A8_PDL=0) turns it off in a thread, for A/B timing.
+Kernels launched any other way (Inductor's generated code) run with PDL=False, as before.
 """
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ import inspect
 import os
 
 import torch
+
+from ..switches import ThreadSwitch
 
 # Set False to launch every kernel through kernel[grid](...) (A/B timing, debugging).
 FAST_LAUNCH = os.environ.get("W4A8_FAST_LAUNCH", "1").strip().lower() not in ("0", "false", "no", "off")
@@ -123,12 +130,38 @@ def _hooks_active(runtime_knobs) -> bool:
     return False
 
 
+PDL_ENV = "W4A8_PDL"
+pdl_launches = ThreadSwitch(PDL_ENV)
+PDL_KWARGS = {"PDL": True, "launch_pdl": True}
+_takes_pdl: dict = {}        # id(kernel) -> whether it has a PDL parameter
+_pdl_devices: dict = {}      # current CUDA device index -> sm_90 or newer
+
+
+def _with_pdl(kernel, kwargs: dict) -> dict:
+    """kwargs plus PDL_KWARGS where programmatic dependent launch applies (see module doc)."""
+    if not pdl_launches.enabled():
+        return kwargs
+    takes = _takes_pdl.get(id(kernel))
+    if takes is None:
+        takes = _takes_pdl[id(kernel)] = "PDL" in getattr(kernel, "arg_names", ())
+    if not takes or "PDL" in kwargs:
+        return kwargs
+    index = torch.cuda.current_device()
+    capable = _pdl_devices.get(index)
+    if capable is None:
+        capable = _pdl_devices[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return {**kwargs, **PDL_KWARGS} if capable else kwargs
+
+
 def fast_launch(kernel, grid, *args, **kwargs):
     """kernel[grid](*args, **kwargs), launched directly once this specialization was launched
     once. grid is a tuple of ints (no callables). Returns what the launch returned (Triton's
     CompiledKernel, or None under the interpreter)."""
     global _RUNTIME
-    if not FAST_LAUNCH or interpreting():
+    if interpreting():
+        return kernel[grid](*args, **kwargs)
+    kwargs = _with_pdl(kernel, kwargs)
+    if not FAST_LAUNCH:
         return kernel[grid](*args, **kwargs)
     if _RUNTIME is None:
         _RUNTIME = _triton_runtime() or False
@@ -171,4 +204,6 @@ def clear_fast_launch_cache() -> None:
     global _RUNTIME
     _plans.clear()
     _compiled.clear()
+    _takes_pdl.clear()
+    _pdl_devices.clear()
     _RUNTIME = None
