@@ -36,8 +36,7 @@ direct_calls = ThreadSwitch(DIRECT_ENV)
 
 
 def _checked_kernels(device_type: str) -> SimpleNamespace:
-    return SimpleNamespace(**{n: getattr(ops, f"_{n}_{device_type}") for n in OP_NAMES},
-                           route_and_quantize_scatter=None)
+    return SimpleNamespace(**{n: getattr(ops, f"_{n}_{device_type}") for n in OP_NAMES})
 
 
 def _unchecked_kernels(device_type: str) -> SimpleNamespace:
@@ -45,16 +44,12 @@ def _unchecked_kernels(device_type: str) -> SimpleNamespace:
         return SimpleNamespace(
             select_and_sort_experts=ops.select_and_sort_cpu_math,
             quantize_scatter_fp8=reference.quantize_scatter_fp8, grouped_gemm=ops.grouped_gemm_cpu_math,
-            silu_mul_quantize_fp8=reference.silu_mul_quantize_fp8, combine=ops.combine_cpu_math,
-            route_and_quantize_scatter=None)
-    from .launch import (grouped_gemm, moe_combine, quantize_scatter, route_and_quantize, routing,
-                         silu_mul_quant)
+            silu_mul_quantize_fp8=reference.silu_mul_quantize_fp8, combine=ops.combine_cpu_math)
+    from .launch import grouped_gemm, moe_combine, quantize_scatter, routing, silu_mul_quant
     return SimpleNamespace(
         select_and_sort_experts=routing.select_and_sort_experts,
         quantize_scatter_fp8=quantize_scatter.quantize_scatter_fp8, grouped_gemm=grouped_gemm.grouped_gemm,
-        silu_mul_quantize_fp8=silu_mul_quant.silu_mul_quantize_fp8, combine=moe_combine.combine,
-        # both first ops in one launch for a single token (decode)
-        route_and_quantize_scatter=route_and_quantize.route_and_quantize_scatter)
+        silu_mul_quantize_fp8=silu_mul_quant.silu_mul_quantize_fp8, combine=moe_combine.combine)
 
 
 _tables: dict = {}
@@ -80,9 +75,8 @@ CALL_OPS = (None, None, False)
 
 
 def direct_kernels(moe, hidden_states, router_logits):
-    """(kernels, key, checked) for W4A8MoE.forward. kernels: a namespace with the ops' names
-    (and route_and_quantize_scatter: the first two ops fused, or None), or None (call
-    torch.ops.w4a8). key: what the ops' checks read (None when kernels is None or the
+    """(kernels, key, checked) for W4A8MoE.forward. kernels: a namespace with the ops' names, or
+    None (call torch.ops.w4a8). key: what the ops' checks read (None when kernels is None or the
     value checks are on). checked: kernels are the checked ones; pass key to `remember_checked`
     once the forward succeeded with them, so that later calls with this key run unchecked."""
     if not direct_calls.enabled() or torch.compiler.is_compiling():

@@ -173,19 +173,12 @@ class W4A8MoE(nn.Module):
         return self._run(torch.ops.w4a8, hidden_states, router_logits)
 
     def _run(self, ops, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        """The block as a straight line of `ops` (torch.ops.w4a8, or the same kernels direct,
-        where `route_and_quantize_scatter` may run the first two in one launch)."""
+        """The block as a straight line of `ops` (torch.ops.w4a8, or the same kernels direct)."""
         G = self.group_size
-        routing = (router_logits, self.e_score_correction_bias, self.top_k, self.scoring,
-                   self.renormalize, self.n_group or 0, self.topk_group or 0,
-                   self.routed_scaling_factor)
-        fused = None if ops is torch.ops.w4a8 else getattr(ops, "route_and_quantize_scatter", None)
-        if fused is not None:
-            topk_weights, _, _, flat_to_sorted, offsets, a, a_scale = fused(
-                routing[0], routing[1], hidden_states, *routing[2:])
-        else:
-            topk_weights, _, _, flat_to_sorted, offsets = ops.select_and_sort_experts(*routing)
-            a, a_scale = ops.quantize_scatter_fp8(hidden_states.contiguous(), flat_to_sorted)
+        topk_weights, _, _, flat_to_sorted, offsets = ops.select_and_sort_experts(
+            router_logits, self.e_score_correction_bias, self.top_k, self.scoring,
+            self.renormalize, self.n_group or 0, self.topk_group or 0, self.routed_scaling_factor)
+        a, a_scale = ops.quantize_scatter_fp8(hidden_states.contiguous(), flat_to_sorted)
         h = ops.grouped_gemm(a, a_scale, self.w13_weight, self.w13_group_scale, self.w13_chan_scale,
                              offsets, G)
         hq, h_scale = ops.silu_mul_quantize_fp8(h)

@@ -1,32 +1,18 @@
 """A/B of the decode block's launch chain on the GPU: CUDA-graph replay of the GLM-4.6 block at
-a few tokens with programmatic dependent launch on / off and the one-token fused first kernel
-on / off, beside the block's two GEMMs alone; then the kernels of one replay (torch.profiler):
-name, duration, and the gap since the previous kernel ended.
+a few tokens with programmatic dependent launch on / off, beside the block's two GEMMs alone;
+then the kernels of one replay (torch.profiler): name, duration, and the gap since the previous
+kernel ended (negative with PDL: the next kernel was launched before this one ended).
 
     python scripts/ab_block_decode.py [--m 1 8] [--reps 60]
 """
 import argparse
-import contextlib
-
 import torch
 
-from inductor_w4a8 import eager, eager_graphs
+from inductor_w4a8 import eager_graphs
 from inductor_w4a8.bench_block import gemms_fn, glm_layer
 from inductor_w4a8.launch import _common
 from inductor_w4a8.testing import capture_cuda_graph
 from inductor_w4a8.timing import graph_bench_us
-
-
-@contextlib.contextmanager
-def fused(on: bool):
-    table = eager._table("cuda")[1]
-    saved = table.route_and_quantize_scatter
-    if not on:
-        table.route_and_quantize_scatter = None
-    try:
-        yield
-    finally:
-        table.route_and_quantize_scatter = saved
 
 
 def kernel_timeline(fn):
@@ -66,14 +52,13 @@ def main():
             gemm_us = graph_bench_us(gemms_fn(layer, x, logits), reps=args.reps)
             ref = None
             for pdl in (False, True):
-                for fuse in (False, True):
-                    with _common.pdl_launches(pdl), fused(fuse):
-                        out = layer(x, logits)
-                        ref = out if ref is None else ref
-                        assert torch.equal(out, ref), "outputs differ between configurations"
-                        us = graph_bench_us(lambda: layer(x, logits), reps=args.reps)
-                    print(f"M={M} pdl={pdl!s:5} fused={fuse!s:5} replay {us:7.1f} us  two GEMMs "
-                          f"{gemm_us:6.1f}  non-GEMM {us - gemm_us:5.1f}")
+                with _common.pdl_launches(pdl):
+                    out = layer(x, logits)
+                    ref = out if ref is None else ref
+                    assert torch.equal(out, ref), "outputs differ with and without PDL"
+                    us = graph_bench_us(lambda: layer(x, logits), reps=args.reps)
+                print(f"M={M} pdl={pdl!s:5} replay {us:7.1f} us  two GEMMs {gemm_us:6.1f}  "
+                      f"non-GEMM {us - gemm_us:5.1f}")
             for pdl in (False, True):
                 with _common.pdl_launches(pdl):
                     print(f"M={M} pdl={pdl} kernels of one replay (us, gap us):")

@@ -131,7 +131,11 @@ else:
 
     # --- per-token quantization ----------------------------------------------------------
     @pytest.mark.parametrize("T,K", [(1, 8), (3, 100), (4, 2048), (2, 5000), (3, 0)])
-    def test_quantize(T, K, seed):
+    @pytest.mark.parametrize("one_tile_max_k", [None, 128])   # 128: rows over it loop in chunks
+    def test_quantize(T, K, one_tile_max_k, seed, monkeypatch):
+        if one_tile_max_k is not None:
+            monkeypatch.setattr(fp8_quant, "ONE_TILE_MAX_K", one_tile_max_k)
+            monkeypatch.setattr(fp8_quant, "LOOP_BLOCK_K", 128)
         x = (torch.randn(T, K) * torch.rand(T, 1) * 10).to(torch.bfloat16)
         if T > 1:
             x[1] = 0

@@ -232,13 +232,12 @@ def test_pdl_switch_turns_it_off_and_the_key_changes(runtime):
 def test_forward_kernels_take_pdl():
     """Every kernel the block launches through fast_launch takes PDL and waits first."""
     from inductor_w4a8.kernels import (fp8_quant, grouped_gemm, grouped_gemv, moe_combine, moe_gather,
-                                       moe_sort, quantize_scatter, route_and_quantize, routing,
-                                       silu_mul_quant)
+                                       moe_sort, quantize_scatter, routing, silu_mul_quant)
     kernels = [fp8_quant.quantize_fp8_per_token_kernel, grouped_gemm.w4a8_grouped_gemm_kernel,
                grouped_gemv.w4a8_grouped_gemv_kernel, moe_combine.combine_kernel,
                moe_gather.gather_rows_kernel, moe_sort.count_kernel, moe_sort.scan_kernel,
                moe_sort.place_kernel, quantize_scatter.quantize_scatter_fp8_kernel,
-               route_and_quantize.route_and_quantize_one_token_kernel, routing.routing_kernel,
+               routing.routing_kernel,
                silu_mul_quant.silu_mul_quant_kernel]
     import ast
     import textwrap

@@ -473,7 +473,11 @@ else:  # TRITON_INTERPRET=1: the launchers on CPU tensors
 
     @pytest.mark.parametrize("T,K,k", [(0, 64, 2), (1, 64, 8), (13, 36, 3), (7, 10, 2), (5, 0, 2),
                                        (9, 2500, 4), (3, 5120, 8)])
-    def test_interp_quantize_scatter_fp8(T, K, k, seed):
+    @pytest.mark.parametrize("one_tile_max_k", [None, 128])   # 128: rows over it loop in chunks
+    def test_interp_quantize_scatter_fp8(T, K, k, one_tile_max_k, seed, monkeypatch):
+        if one_tile_max_k is not None:
+            monkeypatch.setattr(_launch("fp8_quant"), "ONE_TILE_MAX_K", one_tile_max_k)
+            monkeypatch.setattr(_launch("fp8_quant"), "LOOP_BLOCK_K", 128)
         x, f2s = tokens_and_f2s(T, K, k)
         with poisoned_empty():
             a, a_scale = _launch("quantize_scatter").quantize_scatter_fp8(x, f2s)
@@ -556,7 +560,10 @@ SM90_BUILDS = {
         dict(BLOCK_R=16, BLOCK_K=256), xq_ptr="*i32", xs_ptr="*fp32", rows_ptr="*i32", a_ptr="*i32",
         as_ptr="*fp32", R="i32", T="i32", K="i32", top_k="i32")),
     "quantize-scatter": ("quantize_scatter", "quantize_scatter_fp8_kernel", *_sig(
-        dict(MIN_SCALE=formats.FP8_MIN_SCALE, BLOCK_K=2048, HW=True),
+        dict(MIN_SCALE=formats.FP8_MIN_SCALE, BLOCK_K=2048, HW=True, ONE_TILE=False),
+        x_ptr="*bf16", f2s_ptr="*i32", a_ptr="*u8", a_scale_ptr="*fp32", K="i32", R="i32", top_k="i32")),
+    "quantize-scatter-one-tile": ("quantize_scatter", "quantize_scatter_fp8_kernel", *_sig(
+        dict(MIN_SCALE=formats.FP8_MIN_SCALE, BLOCK_K=8192, HW=True, ONE_TILE=True),
         x_ptr="*bf16", f2s_ptr="*i32", a_ptr="*u8", a_scale_ptr="*fp32", K="i32", R="i32", top_k="i32")),
     "silu-one-tile": ("silu_mul_quant", "silu_mul_quant_kernel", *_sig(
         dict(MIN_SCALE=formats.FP8_MIN_SCALE, BLOCK_I=2048, ONE_TILE=True, HW=True),
@@ -565,7 +572,10 @@ SM90_BUILDS = {
         dict(MIN_SCALE=formats.FP8_MIN_SCALE, BLOCK_I=1024, ONE_TILE=False, HW=True),
         x_ptr="*bf16", q_ptr="*u8", scale_ptr="*fp32", I="i32")),
     "fp8-per-token-quant": ("fp8_quant", "quantize_fp8_per_token_kernel", *_sig(
-        dict(MIN_SCALE=formats.FP8_MIN_SCALE, BLOCK_K=2048, HW=True),
+        dict(MIN_SCALE=formats.FP8_MIN_SCALE, BLOCK_K=2048, HW=True, ONE_TILE=False),
+        x_ptr="*bf16", q_ptr="*u8", scale_ptr="*fp32", K="i32")),
+    "fp8-per-token-quant-one-tile": ("fp8_quant", "quantize_fp8_per_token_kernel", *_sig(
+        dict(MIN_SCALE=formats.FP8_MIN_SCALE, BLOCK_K=8192, HW=True, ONE_TILE=True),
         x_ptr="*bf16", q_ptr="*u8", scale_ptr="*fp32", K="i32")),
     "scale-convert": ("scale_convert", "bf16_scales_to_fp8_kernel", *_sig(
         dict(MIN_SCALE=formats.FP8_MIN_SCALE, BLOCK_R=16, BLOCK_G=64, HW=True),

@@ -91,6 +91,18 @@ def bf16_row_fp8_scale(x_ptr, base, K, MIN_SCALE: tl.constexpr, BLOCK_K: tl.cons
 
 
 @triton.jit
+def bf16_row_to_fp8_one_tile(x_ptr, base, K, MIN_SCALE: tl.constexpr, BLOCK_K: tl.constexpr,
+                             HW: tl.constexpr):
+    """A whole row (K <= BLOCK_K) read once: (cols, mask, e4m3 bits, scale) with the scale of
+    bf16_row_fp8_scale (a max is the same in any order) and the values of quantize_e4m3_bits."""
+    cols = tl.arange(0, BLOCK_K)
+    mask = cols < K
+    v = tl.load(x_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = fp8_row_scale(tl.max(tl.abs(v), axis=0), tl.sum((v != v).to(tl.int32), axis=0), MIN_SCALE)
+    return cols, mask, quantize_e4m3_bits(v, scale, HW), scale
+
+
+@triton.jit
 def quantize_e4m3_bits(v, scale, HW: tl.constexpr):
     """formats.quantize_fp8_rows as bits: e4m3(clamp(v / scale, -448, 448)), IEEE division."""
     return fp32_to_e4m3_bits(clamp_fp8_range(tl.math.div_rn(v, scale)), HW)

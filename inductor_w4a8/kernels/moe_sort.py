@@ -22,6 +22,7 @@ memory out of bounds.
 """
 import triton
 import triton.language as tl
+
 from .pdl import wait_for_prior_kernels
 
 
@@ -100,8 +101,7 @@ def sort_one_token(ids, sorted_rows_ptr, flat_to_sorted_ptr, offsets_ptr, E, TOP
     round trip, so that routing and sorting one token are one launch.
 
     Pair j's sorted row is the number of pairs before it in (expert, j) order (stable);
-    expert_offsets[e] counts the pairs of experts below e, for e in [0, E]. Returns the sorted
-    rows by j (int32 [BLOCK_K], what flat_to_sorted holds).
+    expert_offsets[e] counts the pairs of experts below e, for e in [0, E].
     """
     j = tl.arange(0, BLOCK_K)
     valid = j < TOP_K
@@ -112,4 +112,3 @@ def sort_one_token(ids, sorted_rows_ptr, flat_to_sorted_ptr, offsets_ptr, E, TOP
     e = tl.arange(0, BLOCK_E1)
     below = (ids[:, None] < e[None, :]) & valid[:, None]
     tl.store(offsets_ptr + e, tl.sum(below.to(tl.int32), axis=0).to(tl.int64), mask=e <= E)
-    return pos

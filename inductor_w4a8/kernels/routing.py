@@ -20,6 +20,9 @@ from .moe_sort import sort_one_token
 from .pdl import wait_for_prior_kernels
 
 
+NO_KEY: tl.constexpr = tl.constexpr(-(2**63))
+
+
 @triton.jit
 def route_token(logits_ptr, bias_ptr, t, stride_t, E, n_group, group_len, topk_group, scaling,
                 TOP_K: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_GL: tl.constexpr,
@@ -57,21 +60,23 @@ def route_token(logits_ptr, bias_ptr, t, stride_t, E, n_group, group_len, topk_g
             keep = keep | (g == pick)
         choice = tl.where(keep[:, None], choice, float("-inf"))
 
+    # top-k: each round is one int64 max over keys that order experts by choice, then by lower
+    # id (a float's bits made monotone as int32, above the id's complement), so one reduction
+    # finds both the best choice and its lowest id; taken and padding lanes hold the minimum
+    # key. The weights are gathered after the rounds in one batched reduction.
     kk = tl.arange(0, BLOCK_K)
-    top_w = tl.zeros([BLOCK_K], dtype=tl.float32)
+    bits = choice.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
+    key = tl.where(valid, (ordered << 32) | (0x7FFFFFFF - e).to(tl.int64), NO_KEY)
     top_id = tl.zeros([BLOCK_K], dtype=tl.int32)
-    taken = e < 0
     for j in tl.static_range(TOP_K):
-        c = tl.where(taken, float("-inf"), choice)
-        top = tl.max(tl.max(c, axis=1), axis=0)
-        hit = (c == top) & ~taken & valid
-        idx = tl.min(tl.min(tl.where(hit, e, E), axis=1), axis=0)
-        idx = tl.minimum(idx, E - 1)
-        sel = e == idx
-        taken = taken | sel
-        w = tl.sum(tl.sum(tl.where(sel, scores, 0.0), axis=1), axis=0)
-        top_w = tl.where(kk == j, w, top_w)
+        best = tl.max(tl.max(key, axis=1), axis=0)
+        idx = tl.minimum(tl.maximum(0x7FFFFFFF - best.to(tl.int32), 0), E - 1)   # low 32 bits
+        key = tl.where(e == idx, NO_KEY, key)
         top_id = tl.where(kk == j, idx, top_id)
+    hit = e[None, :, :] == top_id[:, None, None]                             # [BLOCK_K, G, GL]
+    top_w = tl.sum(tl.sum(tl.where(hit, scores[None, :, :], 0.0), axis=2), axis=1)
+    top_w = tl.where(kk < TOP_K, top_w, 0.0)
     if RENORMALIZE:
         top_w = tl.math.div_rn(top_w, tl.maximum(tl.sum(top_w, axis=0), 1.1754943508222875e-38))
     top_w = top_w * scaling

@@ -7,13 +7,18 @@ from .. import formats
 from ..kernels.fp8_quant import quantize_fp8_per_token_kernel
 from ._common import device_guard, fast_launch, next_pow2, use_hw_fp8
 
-MAX_BLOCK_K = 2048
+# Rows of up to ONE_TILE_MAX_K columns are read once into registers (at most 32 values a thread
+# at the warps below); longer rows are looped over in LOOP_BLOCK_K chunks, twice.
+ONE_TILE_MAX_K = 16384
+LOOP_BLOCK_K = 2048
 
 
-def fp8_row_tile(K: int) -> tuple[int, int]:
-    """(BLOCK_K, num_warps) of the kernels that quantize one K-long row per program."""
-    block_k = min(max(next_pow2(K), 128), MAX_BLOCK_K)
-    return block_k, 4 if block_k <= 1024 else 8
+def fp8_row_tile(K: int) -> tuple[int, int, bool]:
+    """(BLOCK_K, num_warps, ONE_TILE) of the kernels that quantize one K-long row per program."""
+    block_k = max(next_pow2(K), 128)
+    if block_k <= ONE_TILE_MAX_K:
+        return block_k, min(16, max(4, block_k // 1024)), True
+    return LOOP_BLOCK_K, 8, False
 
 
 def empty_fp8_rows(rows: int, K: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,10 +37,10 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     q, scale = empty_fp8_rows(T, K, x.device)
     if T == 0:
         return q, scale
-    block_k, warps = fp8_row_tile(K)
+    block_k, warps, one_tile = fp8_row_tile(K)
     with device_guard(x):
         fast_launch(
             quantize_fp8_per_token_kernel, (T,),
             x, q.view(torch.uint8), scale, K, MIN_SCALE=formats.FP8_MIN_SCALE, BLOCK_K=block_k,
-            HW=use_hw_fp8(x), num_warps=warps)
+            HW=use_hw_fp8(x), ONE_TILE=one_tile, num_warps=warps)
     return q, scale

@@ -19,9 +19,9 @@ def quantize_scatter_fp8(x: torch.Tensor, flat_to_sorted: torch.Tensor):
     a, a_scale = empty_fp8_rows(R, K, x.device)
     if R == 0:
         return a, a_scale
-    block_k, warps = fp8_row_tile(K)
+    block_k, warps, one_tile = fp8_row_tile(K)
     with device_guard(x):
         fast_launch(quantize_scatter_fp8_kernel, (T,), x, flat_to_sorted, a.view(torch.uint8), a_scale,
                     K, R, top_k, MIN_SCALE=formats.FP8_MIN_SCALE, BLOCK_K=block_k,
-                    HW=use_hw_fp8(x), num_warps=warps)
+                    HW=use_hw_fp8(x), ONE_TILE=one_tile, num_warps=warps)
     return a, a_scale
