@@ -20,7 +20,7 @@ for bm, bn, nw, ns, gps, pf in tiles:
     sig = {"a_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "w_ptr": "*u8", "s_ptr": "*bf16" if EXACT else "*fp8e4nv", "chan_ptr": "*fp32",
            "off_ptr": "*i64", "out_ptr": "*bf16", "R": "i32", "N": "i32", "K": "i32", "E": "i32"}
     const = {"GROUP": 128, "HAS_CHAN": not EXACT, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_E": 256, "USE_ASM": True, "GROUPS_PER_STEP": gps,
-             "PREFETCH_SCALES": pf, "PDL": True, "PREFETCH_LINES": 8}
+             "PREFETCH_SCALES": pf, "PDL": True}
     sig.update({c: "constexpr" for c in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 9)}
     c = triton.compile(ASTSource(fn=w4a8_grouped_gemm_kernel, signature=sig, constexprs=const, attrs=attrs),

@@ -122,8 +122,7 @@ def _sm90_ttgir(mode: str, tile) -> str:
                  "R": "i32", "N": "i32", "K": "i32", "E": "i32"}
     constexprs = {"GROUP": 128, "HAS_CHAN": mode == "fp8", "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n,
                   "BLOCK_E": 256, "USE_ASM": True, "GROUPS_PER_STEP": tile.groups_per_step,
-                  "PREFETCH_SCALES": tile.prefetch_scales, "PDL": False,
-                  "PREFETCH_LINES": 0}
+                  "PREFETCH_SCALES": tile.prefetch_scales, "PDL": False}
     signature.update({name: "constexpr" for name in constexprs})
     try:
         compiled = triton.compile(ASTSource(fn=w4a8_grouped_gemm_kernel, signature=signature, constexprs=constexprs),

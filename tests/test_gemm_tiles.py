@@ -43,7 +43,7 @@ def _sm90_registers(tile, scale_dtype="*fp8e4nv") -> int:
     const = {"GROUP": 128, "HAS_CHAN": scale_dtype == "*fp8e4nv", "BLOCK_M": tile.block_m,
              "BLOCK_N": tile.block_n, "BLOCK_E": 256, "USE_ASM": True,
              "GROUPS_PER_STEP": tile.groups_per_step, "PREFETCH_SCALES": tile.prefetch_scales,
-             "PDL": True, "PREFETCH_LINES": 8}
+             "PDL": True}
     sig.update({c: "constexpr" for c in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 9)}
     try:

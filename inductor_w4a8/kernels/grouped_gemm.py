@@ -23,8 +23,7 @@ import triton
 import triton.language as tl
 
 from .int4_decode import s4_tile_to_fp8_asm, s4_tile_to_fp8_ops
-from .expert_tiles import expert_m_tiles, locate_m_tile
-from .pdl import l2_prefetch, wait_for_prior_kernels
+from .pdl import wait_for_prior_kernels
 
 
 @triton.jit
@@ -53,44 +52,17 @@ def _group_dot(w_rows, a_rows, g, nmask, rmask, kh, kk, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
-def _l2_prefetch_first_tile(w_ptr, s_ptr, off_ptr, R, N, K, E, GROUP: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
-                            LINES: tl.constexpr):
-    """Before the grid-dependency wait (kernels/pdl.py): the first LINES 128-byte lines of every
-    weight row of this program's first tile, and the rows' scales, into L2, so that the weights
-    start streaming while the previous kernel finishes. The tile comes from offsets read before
-    the wait, clamped like the kernel's own list (kernels/expert_tiles.py: only this PDL-only
-    path uses the shared helpers, see there): a stale value only misdirects a hint."""
-    start, count, m_tiles, cum_tiles, total_m = expert_m_tiles(off_ptr, R, E, BLOCK_M, BLOCK_E)
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    pid = tl.program_id(0)
-    if pid < total_m * n_tiles:
-        e, _, _, _ = locate_m_tile(pid // n_tiles, start, count, m_tiles, cum_tiles, BLOCK_E)
-        e64 = tl.minimum(e, E - 1).to(tl.int64)
-        rn = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-        KH = K // 2
-        line = tl.arange(0, LINES) * 128
-        rows = w_ptr + e64 * N * KH + rn.to(tl.int64)[:, None] * KH
-        l2_prefetch(rows + line[None, :], (rn < N)[:, None] & (line < KH)[None, :])
-        l2_prefetch(s_ptr + (e64 * N + rn) * (K // GROUP), rn < N)
-
-
-@triton.jit
 def w4a8_grouped_gemm_kernel(
     a_ptr, a_scale_ptr, w_ptr, s_ptr, chan_ptr, off_ptr, out_ptr,
     R, N, K, E,
     GROUP: tl.constexpr, HAS_CHAN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
     USE_ASM: tl.constexpr, GROUPS_PER_STEP: tl.constexpr, PREFETCH_SCALES: tl.constexpr,
-    PDL: tl.constexpr = False, PREFETCH_LINES: tl.constexpr = 0,
+    PDL: tl.constexpr = False,
 ):
     """a fp8 [R, K] (rows sorted by expert), a_scale fp32 [R], w uint8 [E, N, K // 2] (layout v3),
     s fp8/bf16 [E, N, K // GROUP], chan fp32 [E, N] (if HAS_CHAN), off int64 [E + 1],
-    out bf16 [R, N]. PDL and PREFETCH_LINES > 0: the first tile's weights are prefetched into L2
-    before the wait for the previous kernel."""
-    if PDL and PREFETCH_LINES > 0:
-        _l2_prefetch_first_tile(w_ptr, s_ptr, off_ptr, R, N, K, E, GROUP, BLOCK_M, BLOCK_N, BLOCK_E,
-                                PREFETCH_LINES)
+    out bf16 [R, N]."""
     wait_for_prior_kernels(PDL)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)

@@ -9,10 +9,6 @@ a kernel that starts early finds every kernel before its predecessor complete. N
 anything, not even of data nothing in the forward writes, may come before the wait: the previous
 kernel may be an in-place weight rewrite. launch/_common.fast_launch sets PDL and the launch
 attribute together, on sm_90+ GPUs, for kernels that take PDL.
-
-The one thing a kernel may do before the wait is `l2_prefetch`: a hint that pulls lines into L2,
-which is coherent, so a later read still sees every write; the addresses may come from values
-read before the wait (possibly stale) as long as they are clamped into the tensor they point to.
 """
 import triton
 import triton.language as tl
@@ -20,7 +16,6 @@ import triton.language as tl
 # One line each: Inductor copies these globals into its generated source as plain strings.
 GRID_DEPENDENCY_WAIT = tl.constexpr("griddepcontrol.wait; // $0")
 LAUNCH_DEPENDENTS = tl.constexpr("griddepcontrol.launch_dependents; // $0")
-L2_PREFETCH = tl.constexpr("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }")
 
 
 @triton.jit
@@ -30,10 +25,3 @@ def wait_for_prior_kernels(PDL: tl.constexpr):
                                   pack=1)
         tl.inline_asm_elementwise(LAUNCH_DEPENDENTS, "=r", [], dtype=tl.int32, is_pure=False,
                                   pack=1)
-
-
-@triton.jit
-def l2_prefetch(ptrs, mask):
-    """prefetch.global.L2 of the line holding each address whose mask is set."""
-    tl.inline_asm_elementwise(L2_PREFETCH, "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32,
-                              is_pure=False, pack=1)

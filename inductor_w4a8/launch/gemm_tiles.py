@@ -122,25 +122,6 @@ def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-# With programmatic dependent launch the Triton kernel prefetches, before it waits for the previous
-# kernel, the first lines of each weight row of every program's first tile into L2
-# (kernels/grouped_gemm.py): at most this many bytes over all programs, well under the H200's L2,
-# so that the lines are still there when the K loop reads them.
-L2_PREFETCH_BUDGET = 32 << 20
-MAX_PREFETCH_LINES = 16
-
-
-def prefetch_lines(tile: GemmTile, programs: int, K: int) -> int:
-    """128-byte lines per weight row of a program's first tile to prefetch: a power of two, or 0."""
-    if tile.kernel != "triton" or programs < 1:
-        return 0
-    budget = L2_PREFETCH_BUDGET // (programs * tile.block_n * 128)
-    row_lines = -(-(K // 2) // 128)
-    if budget < 1 or row_lines < 1:
-        return 0
-    return min(1 << (budget.bit_length() - 1), 1 << (row_lines - 1).bit_length(), MAX_PREFETCH_LINES)
-
-
 def grid_size(tile: GemmTile, R: int, N: int, E: int, device: torch.device) -> int:
     """Persistent grid: at most one program per possible tile (cdiv(R, BM) + E m-tiles upper bound)."""
     n_tiles = -(-N // tile.block_n)

@@ -15,7 +15,7 @@ from ..kernels.grouped_gemm import w4a8_grouped_gemm_kernel
 from ..kernels.grouped_gemv import w4a8_grouped_gemv_kernel
 from ._common import fast_launch
 from .gemm_tiles import (GEMV_KERNEL, WGMMA_FALLBACK, WGMMA_KERNEL, GemmConstraints, GemmTile,
-                         choose_tile, gemv_tile_problems, grid_size, prefetch_lines)
+                         choose_tile, gemv_tile_problems, grid_size)
 
 
 LAST_COMPILED = None  # the last compiled kernel (for SASS / register inspection in tuning)
@@ -71,11 +71,9 @@ def grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scal
                   PREFETCH_SCALES=tile.prefetch_scales,
                   num_warps=tile.num_warps, num_stages=tile.num_stages)
     if wrap is None:   # eager: the compiled kernel launched directly after its first launch
-        LAST_COMPILED = fast_launch(w4a8_grouped_gemm_kernel, grid, *args, **kwargs,
-                                    PREFETCH_LINES=prefetch_lines(tile, grid[0], K))
-    else:   # given, not defaulted: Inductor's launcher of a user kernel drops defaulted constexprs
-        LAST_COMPILED = wrap(w4a8_grouped_gemm_kernel)[grid](*args, **kwargs, PDL=False,
-                                                             PREFETCH_LINES=0)
+        LAST_COMPILED = fast_launch(w4a8_grouped_gemm_kernel, grid, *args, **kwargs)
+    else:   # PDL given, not defaulted: Inductor's launcher of a user kernel drops defaulted constexprs
+        LAST_COMPILED = wrap(w4a8_grouped_gemm_kernel)[grid](*args, **kwargs, PDL=False)
     return out
 
 
@@ -150,5 +148,5 @@ def _launch_gemv(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_siz
     if wrap is None:
         LAST_COMPILED = fast_launch(w4a8_grouped_gemv_kernel, grid, *args, **kwargs)
     else:
-        LAST_COMPILED = wrap(w4a8_grouped_gemv_kernel)[grid](*args, **kwargs, PDL=False)
+        LAST_COMPILED = wrap(w4a8_grouped_gemv_kernel)[grid](*args, **kwargs, PDL=False)   # as above
     return out
