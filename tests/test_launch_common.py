@@ -201,9 +201,14 @@ class _PdlJit(_Jit):
         self.arg_names.append("PDL")
 
 
+class _Props:
+    def __init__(self, major):
+        self.major, self.multi_processor_count = major, 2
+
+
 def _gpu(monkeypatch, major):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (major, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: _Props(major))
 
 
 @pytest.mark.parametrize("major,expect", [(9, True), (10, True), (8, False)])
@@ -217,6 +222,16 @@ def test_pdl_on_sm90_and_newer_for_kernels_that_take_it(runtime, major, expect):
     assert (kwargs.get("PDL"), kwargs.get("launch_pdl")) == ((True, True) if expect else (None, None))
     assert "PDL" not in plain.normal[0][2] and "launch_pdl" not in plain.normal[0][2]
     assert len(k.normal) == 1 and len(k.compiled[0].direct) == 1
+
+
+def test_pdl_only_for_grids_that_fit_a_few_waves(runtime):
+    """2 SMs here: up to 2 * PDL_MAX_PROGRAMS_PER_SM programs start early, larger grids wait."""
+    _gpu(runtime, 9)
+    k = _PdlJit()
+    most = 2 * _common.PDL_MAX_PROGRAMS_PER_SM
+    _common.fast_launch(k, (most // 2, 2), "x", 5, 1.5, BLOCK=64)
+    _common.fast_launch(k, (most + 1,), "x", 5, 1.5, BLOCK=64)
+    assert k.normal[0][2].get("launch_pdl") is True and "launch_pdl" not in k.normal[1][2]
 
 
 def test_pdl_switch_turns_it_off_and_the_key_changes(runtime):
@@ -246,3 +261,29 @@ def test_forward_kernels_take_pdl():
         fn = ast.parse(textwrap.dedent(inspect.getsource(k.fn))).body[0]
         body = [s for s in fn.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
         assert ast.unparse(body[0]) == "wait_for_prior_kernels(PDL)", k.__name__
+
+
+@pytest.mark.cuda
+def test_cuda_block_is_the_same_with_and_without_pdl(seed):
+    """The block with programmatic dependent launch (the default on sm_90+) against PDL off and
+    against the ops, bit for bit: at 1 token (every kernel starts early) and at 600 tokens, where
+    the GEMMs run long enough that an early kernel reading before its wait would see unfinished
+    data. And PDL is in use: the decode GEMM was launched with it."""
+    from compile_utils import make_inputs, make_moe
+    from inductor_w4a8 import eager
+    from inductor_w4a8.launch import grouped_gemm
+    moe = make_moe(seed=seed % 1000, device="cuda", num_experts=16, top_k=4, hidden_size=1024,
+                   intermediate_size=512, scoring="sigmoid", n_group=4, topk_group=2)
+    with torch.no_grad():
+        for T in (1, 1, 600):
+            x, logits = make_inputs(T, moe, seed=seed + T, device="cuda")
+            out = moe(x, logits)
+            launched_with_pdl = grouped_gemm.LAST_COMPILED.metadata.launch_pdl
+            with _common.pdl_launches(False):
+                no_pdl = moe(x, logits)
+            with eager.direct_calls(False):
+                ops = moe(x, logits)
+            torch.cuda.synchronize()
+            assert torch.equal(out, no_pdl) and torch.equal(out, ops), T
+            if T == 1:
+                assert launched_with_pdl

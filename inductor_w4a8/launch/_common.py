@@ -11,9 +11,9 @@ direct launch is not known to be equivalent it falls back to `kernel[grid]`: und
 TRITON_INTERPRET=1, with launch hooks installed (profilers), when the JIT returned no
 `CompiledKernel`, or when FAST_LAUNCH is False.
 
-On sm_90+ GPUs `fast_launch` also launches every kernel that takes a `PDL` constexpr with
-programmatic dependent launch (kernels/pdl.py): PDL=True and Triton's `launch_pdl` option, always
-together. `pdl_launches(False)` (or W4A8_PDL=0) turns it off in a thread, for A/B timing.
+On sm_90+ GPUs `fast_launch` also launches every kernel that takes a `PDL` constexpr, with a grid
+of at most PDL_MAX_PROGRAMS_PER_SM programs per SM, with programmatic dependent launch
+(kernels/pdl.py): PDL=True and Triton's `launch_pdl` option, always together. `pdl_launches(False)` (or W4A8_PDL=0) turns it off in a thread, for A/B timing.
 Kernels launched any other way (Inductor's generated code) run with PDL=False, as before.
 """
 from __future__ import annotations
@@ -133,11 +133,15 @@ def _hooks_active(runtime_knobs) -> bool:
 PDL_ENV = "W4A8_PDL"
 pdl_launches = ThreadSwitch(PDL_ENV)
 PDL_KWARGS = {"PDL": True, "launch_pdl": True}
+# Only grids of at most this many programs per SM start early: a larger grid's later programs wait
+# for free SMs anyway, and its early ones would sit on SMs the running kernel could use (measured:
+# GLM-4.6 block at 8192 tokens 6312 -> 6448 us with every kernel early, docs/perf.md session 7).
+PDL_MAX_PROGRAMS_PER_SM = 4
 _takes_pdl: dict = {}        # id(kernel) -> whether it has a PDL parameter
-_pdl_devices: dict = {}      # current CUDA device index -> sm_90 or newer
+_pdl_devices: dict = {}      # current CUDA device index -> most programs launched early (0: none)
 
 
-def _with_pdl(kernel, kwargs: dict) -> dict:
+def _with_pdl(kernel, grid, kwargs: dict) -> dict:
     """kwargs plus PDL_KWARGS where programmatic dependent launch applies (see module doc)."""
     if not pdl_launches.enabled():
         return kwargs
@@ -147,10 +151,13 @@ def _with_pdl(kernel, kwargs: dict) -> dict:
     if not takes or "PDL" in kwargs:
         return kwargs
     index = torch.cuda.current_device()
-    capable = _pdl_devices.get(index)
-    if capable is None:
-        capable = _pdl_devices[index] = torch.cuda.get_device_capability(index)[0] >= 9
-    return {**kwargs, **PDL_KWARGS} if capable else kwargs
+    most = _pdl_devices.get(index)
+    if most is None:
+        props = torch.cuda.get_device_properties(index)
+        most = props.multi_processor_count * PDL_MAX_PROGRAMS_PER_SM if props.major >= 9 else 0
+        _pdl_devices[index] = most
+    programs = grid[0] * (grid[1] if len(grid) > 1 else 1) * (grid[2] if len(grid) > 2 else 1)
+    return {**kwargs, **PDL_KWARGS} if programs <= most else kwargs
 
 
 def fast_launch(kernel, grid, *args, **kwargs):
@@ -160,7 +167,7 @@ def fast_launch(kernel, grid, *args, **kwargs):
     global _RUNTIME
     if interpreting():
         return kernel[grid](*args, **kwargs)
-    kwargs = _with_pdl(kernel, kwargs)
+    kwargs = _with_pdl(kernel, grid, kwargs)
     if not FAST_LAUNCH:
         return kernel[grid](*args, **kwargs)
     if _RUNTIME is None:
