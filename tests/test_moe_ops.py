@@ -560,10 +560,10 @@ SM90_BUILDS = {
         dict(BLOCK_R=16, BLOCK_K=256), xq_ptr="*i32", xs_ptr="*fp32", rows_ptr="*i32", a_ptr="*i32",
         as_ptr="*fp32", R="i32", T="i32", K="i32", top_k="i32")),
     "quantize-scatter": ("quantize_scatter", "quantize_scatter_fp8_kernel", *_sig(
-        dict(MIN_SCALE=formats.FP8_MIN_SCALE, BLOCK_K=2048, HW=True, ONE_TILE=False, BLOCK_TOPK=8),
+        dict(MIN_SCALE=formats.FP8_MIN_SCALE, BLOCK_K=2048, HW=True, ONE_TILE=False),
         x_ptr="*bf16", f2s_ptr="*i32", a_ptr="*u8", a_scale_ptr="*fp32", K="i32", R="i32", top_k="i32")),
     "quantize-scatter-one-tile": ("quantize_scatter", "quantize_scatter_fp8_kernel", *_sig(
-        dict(MIN_SCALE=formats.FP8_MIN_SCALE, BLOCK_K=8192, HW=True, ONE_TILE=True, BLOCK_TOPK=8),
+        dict(MIN_SCALE=formats.FP8_MIN_SCALE, BLOCK_K=8192, HW=True, ONE_TILE=True),
         x_ptr="*bf16", f2s_ptr="*i32", a_ptr="*u8", a_scale_ptr="*fp32", K="i32", R="i32", top_k="i32")),
     "silu-one-tile": ("silu_mul_quant", "silu_mul_quant_kernel", *_sig(
         dict(MIN_SCALE=formats.FP8_MIN_SCALE, BLOCK_I=2048, ONE_TILE=True, HW=True),

@@ -29,22 +29,16 @@ def _sorted_row(f2s_ptr, pair, R):
 @triton.jit
 def quantize_scatter_fp8_kernel(x_ptr, f2s_ptr, a_ptr, a_scale_ptr, K, R, top_k,
                                 MIN_SCALE: tl.constexpr, BLOCK_K: tl.constexpr, HW: tl.constexpr,
-                                ONE_TILE: tl.constexpr, BLOCK_TOPK: tl.constexpr,
-                                PDL: tl.constexpr = False):
+                                ONE_TILE: tl.constexpr, PDL: tl.constexpr = False):
     # top_k is a runtime loop bound, not unrolled: any top_k (up to E) compiles once, quickly
     wait_for_prior_kernels(PDL)
     t = tl.program_id(0).to(tl.int64)
     x_base = t * K
     if ONE_TILE:
-        # the token's sorted rows in one load beside the row's (one memory latency, not one per
-        # slot: at a few tokens the latencies are the kernel's time), each picked in registers
-        slots = tl.arange(0, BLOCK_TOPK)
-        slot_ok = slots < top_k
-        rows = clamped_row(tl.load(f2s_ptr + t * top_k + slots, mask=slot_ok, other=0), R)
         cols, mask, q, scale = bf16_row_to_fp8_one_tile(x_ptr, x_base, K, MIN_SCALE, BLOCK_K, HW)
-        tl.store(a_scale_ptr + rows, tl.zeros([BLOCK_TOPK], tl.float32) + scale, mask=slot_ok)
         for j in range(top_k):
-            row = tl.sum(tl.where(slots == j, rows, 0), axis=0)
+            row = _sorted_row(f2s_ptr, t * top_k + j, R)
+            tl.store(a_scale_ptr + row, scale)
             tl.store(a_ptr + row * K + cols, q, mask=mask)
         return
     scale = bf16_row_fp8_scale(x_ptr, x_base, K, MIN_SCALE, BLOCK_K)

@@ -5,7 +5,7 @@ import torch
 
 from .. import formats
 from ..kernels.quantize_scatter import quantize_scatter_fp8_kernel
-from ._common import device_guard, fast_launch, next_pow2, use_hw_fp8
+from ._common import device_guard, fast_launch, use_hw_fp8
 from .fp8_quant import empty_fp8_rows, fp8_row_tile
 
 
@@ -23,6 +23,5 @@ def quantize_scatter_fp8(x: torch.Tensor, flat_to_sorted: torch.Tensor):
     with device_guard(x):
         fast_launch(quantize_scatter_fp8_kernel, (T,), x, flat_to_sorted, a.view(torch.uint8), a_scale,
                     K, R, top_k, MIN_SCALE=formats.FP8_MIN_SCALE, BLOCK_K=block_k,
-                    HW=use_hw_fp8(x), ONE_TILE=one_tile, BLOCK_TOPK=next_pow2(top_k),
-                    num_warps=warps)
+                    HW=use_hw_fp8(x), ONE_TILE=one_tile, num_warps=warps)
     return a, a_scale
