@@ -28,6 +28,7 @@ import warnings
 
 import torch
 
+from .launch._common import pdl_launches
 from .switches import ThreadSwitch
 
 GRAPHS_ENV = "W4A8_EAGER_GRAPHS"
@@ -136,9 +137,10 @@ def _graph_key(moe, key, device: torch.device):
     # the graph bakes in the parameters' addresses (a parameter whose storage moved is a new key);
     # one graph per stream (its static buffers belong to that stream: no cross-stream sharing or
     # freeing under a running replay); inference mode apart (its static buffers would be
-    # inference tensors, which a later call outside inference mode could not copy into)
+    # inference tensors, which a later call outside inference mode could not copy into); PDL on
+    # or off apart (a graph keeps the launch attributes it was captured with)
     return (key, tuple(None if p is None else p.data_ptr() for p in moe._parameters.values()),
-            _stream_id(device), torch.is_inference_mode_enabled())
+            _stream_id(device), torch.is_inference_mode_enabled(), pdl_launches.enabled())
 
 
 def _entry(moe, graph_key, run, hidden_states, router_logits):

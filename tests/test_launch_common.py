@@ -245,7 +245,8 @@ def test_pdl_switch_turns_it_off_and_the_key_changes(runtime):
 
 
 def test_forward_kernels_take_pdl():
-    """Every kernel the block launches through fast_launch takes PDL and waits first."""
+    """Every kernel the block launches through fast_launch takes PDL, and every kernel that takes
+    PDL (found in all of inductor_w4a8.kernels, so a new one is checked too) waits first."""
     from inductor_w4a8.kernels import (fp8_quant, grouped_gemm, grouped_gemv, moe_combine, moe_gather,
                                        moe_sort, quantize_scatter, routing, silu_mul_quant)
     kernels = [fp8_quant.quantize_fp8_per_token_kernel, grouped_gemm.w4a8_grouped_gemm_kernel,
@@ -255,8 +256,17 @@ def test_forward_kernels_take_pdl():
                routing.routing_kernel,
                silu_mul_quant.silu_mul_quant_kernel]
     import ast
+    import importlib
+    import pkgutil
     import textwrap
-    for k in kernels:
+
+    import inductor_w4a8.kernels as package
+    taking = [v for m in pkgutil.iter_modules(package.__path__)
+              for v in vars(importlib.import_module(f"inductor_w4a8.kernels.{m.name}")).values()
+              if isinstance(v, triton.runtime.JITFunction) and "PDL" in v.arg_names
+              and v.__name__.endswith("_kernel")]
+    assert {id(k) for k in kernels} <= {id(k) for k in taking}
+    for k in taking:
         assert "PDL" in k.arg_names and k.signature.parameters["PDL"].default is False, k.__name__
         fn = ast.parse(textwrap.dedent(inspect.getsource(k.fn))).body[0]
         body = [s for s in fn.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]

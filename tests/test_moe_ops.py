@@ -409,17 +409,32 @@ else:  # TRITON_INTERPRET=1: the launchers on CPU tensors
             outs = _launch("routing").select_and_sort_experts(*args)
         assert_routed_and_sorted(outs, args)
 
-    def test_interp_sort_one_token_with_repeated_ids():
-        # NaN logits: every round finds no maximum, so ids repeat (clamped to E - 1); the one-token
-        # sort must still be the stable sort of whatever ids the routing wrote
-        for E, k in ((7, 3), (160, 8)):
-            logits = torch.full((1, E), float("nan"))
+    @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+    def test_interp_nan_logits_give_distinct_ids_and_nan_weights(scoring):
+        """NaN choices rank first (as torch.topk), ids stay distinct and in range, the one-token
+        sort is the stable sort of them, and renormalized weights are NaN (not a tiny-sum blowup)."""
+        for E, k, nan_at in ((7, 3, [2]), (160, 8, list(range(160))), (8, 4, [3, 5])):
+            logits = torch.randn(1, E)
+            logits[0, nan_at] = float("nan")
             with poisoned_empty():
-                _, ids, *sort = _launch("routing").select_and_sort_experts(logits, None, k, "softmax",
+                w, ids, *sort = _launch("routing").select_and_sort_experts(logits, None, k, scoring,
                                                                            True, 0, 0, 1.0)
-            assert bool(((ids >= 0) & (ids < E)).all())
+            assert bool(((ids >= 0) & (ids < E)).all()) and len(set(ids[0].tolist())) == k
+            if scoring == "sigmoid":   # (softmax: one NaN makes every score NaN, all tie)
+                assert set(ids[0].tolist()[:min(k, len(nan_at))]) <= set(nan_at)
+            assert bool(torch.isnan(w).all())
             for got, want in zip(sort, reference.sort_by_expert(ids, E)):
                 assert torch.equal(got, want)
+
+    @pytest.mark.parametrize("T", [1, 3])
+    def test_interp_ties_go_to_the_lowest_id(T):
+        """Equal choices: the lowest ids, in order (the reference's torch.topk does not promise
+        an order among ties, so this is checked on its own)."""
+        for E, k, scoring in ((8, 3, "softmax"), (160, 8, "sigmoid"), (5, 5, "softmax")):
+            w, ids = _launch("routing").select_experts(torch.zeros(T, E), None, k, scoring, True,
+                                                       0, 0, 1.0)
+            assert torch.equal(ids, torch.arange(k, dtype=torch.int32).expand(T, k))
+            torch.testing.assert_close(w, torch.full((T, k), 1.0 / k))
 
     def test_interp_select_experts_bf16_strided_logits(seed):
         routing = ROUTINGS[2]
@@ -600,7 +615,8 @@ def test_kernels_compile_for_sm90(build):
     module, name, signature, constexprs = SM90_BUILDS[build]
     fn = getattr(importlib.import_module(f"inductor_w4a8.kernels.{module}"), name)
     options = {}
-    if "PDL" in fn.arg_names:   # as fast_launch builds the forward's kernels on sm_90 (kernels/pdl.py)
+    pdl = "PDL" in fn.arg_names
+    if pdl:   # as fast_launch builds the forward's kernels on sm_90 (kernels/pdl.py)
         signature, constexprs = {**signature, "PDL": "constexpr"}, {**constexprs, "PDL": True}
         options["launch_pdl"] = True
     try:
@@ -611,6 +627,15 @@ def test_kernels_compile_for_sm90(build):
             pytest.skip(f"triton cannot assemble for sm_90 here: {e}")
         raise
     assert compiled.asm.get("cubin")
+    if pdl:   # nothing touches global memory before the wait for the previous kernel
+        ptx = compiled.asm["ptx"]
+        body = ptx[ptx.index(".entry"):]
+        wait = body.find("griddepcontrol.wait")
+        release = body.find("griddepcontrol.launch_dependents")
+        first_access = min((i for i in (body.find(op) for op in ("ld.global", "st.global", "cp.async",
+                                                                  "atom.global", "red.global"))
+                            if i >= 0), default=len(body))
+        assert 0 <= wait < release < first_access, (wait, release, first_access)
 
 
 # ==========================================================================================

@@ -6,10 +6,12 @@ grouped top-k is off), so every step is a masked reduction over that tile:
   choice = scores + correction_bias (the bias picks experts, it never weighs them);
   grouped top-k: a group's score is the sum of its top-2 choices (with a bias) or its max choice
   (without), the topk_group best groups are kept and the others masked to -inf;
-  top-k: top_k rounds of "take the largest remaining choice" (ties go to the lowest id), each
-  recording the expert's score as its weight;
+  top-k: top_k rounds of "take the largest remaining choice" (ties go to the lowest id; a NaN
+  choice ranks above every number, as in torch.topk), then each chosen expert's score is its
+  weight;
   weights /= max(sum(weights), tiny) when RENORMALIZE, then *= routed_scaling_factor.
-Ids are clamped into [0, E) even for NaN logits, so later kernels never see an id out of range.
+Ids are distinct and in [0, E) for any logits, NaN included, so later kernels never see an id
+out of range; a NaN among the chosen weights makes every renormalized weight NaN (as torch).
 With SORT_ONE_TOKEN (T = 1) the program also writes sort_by_expert's outputs for that token
 (`moe_sort.sort_one_token`): routing and sorting in one launch.
 """
@@ -65,6 +67,7 @@ def route_token(logits_ptr, bias_ptr, t, stride_t, E, n_group, group_len, topk_g
     # finds both the best choice and its lowest id; taken and padding lanes hold the minimum
     # key. The weights are gathered after the rounds in one batched reduction.
     kk = tl.arange(0, BLOCK_K)
+    choice = tl.where(choice != choice, float("nan"), choice)   # one NaN (sign bit clear) for all
     bits = choice.to(tl.int32, bitcast=True)
     ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
     key = tl.where(valid, (ordered << 32) | (0x7FFFFFFF - e).to(tl.int64), NO_KEY)
@@ -78,7 +81,9 @@ def route_token(logits_ptr, bias_ptr, t, stride_t, E, n_group, group_len, topk_g
     top_w = tl.sum(tl.sum(tl.where(hit, scores[None, :, :], 0.0), axis=2), axis=1)
     top_w = tl.where(kk < TOP_K, top_w, 0.0)
     if RENORMALIZE:
-        top_w = tl.math.div_rn(top_w, tl.maximum(tl.sum(top_w, axis=0), 1.1754943508222875e-38))
+        total = tl.sum(top_w, axis=0)
+        total = tl.where(total != total, total, tl.maximum(total, 1.1754943508222875e-38))
+        top_w = tl.math.div_rn(top_w, total)
     top_w = top_w * scaling
     return top_w, top_id
 

@@ -50,8 +50,8 @@ def _routing_outputs(router_logits: torch.Tensor, top_k: int):
 
 def router_settings(E: int, top_k: int, scoring: str, renormalize: bool, n_group: int,
                     topk_group: int, routed_scaling_factor: float, has_bias: bool):
-    """(runtime args, constexprs) of `kernels.routing.route_token` after E (n_group, group_len,
-    topk_group, scaling), shared by the kernels that route."""
+    """(runtime args after E: n_group, group_len, topk_group, scaling; constexprs; num_warps) of
+    `kernels.routing.route_token`."""
     grouped = bool(n_group) and topk_group < n_group   # keeping every group is no grouping
     groups = n_group if grouped else 1
     group_len = E // groups
@@ -59,13 +59,7 @@ def router_settings(E: int, top_k: int, scoring: str, renormalize: bool, n_group
     constexprs = dict(TOP_K=top_k, BLOCK_G=next_pow2(groups), BLOCK_GL=next_pow2(group_len),
                       BLOCK_K=next_pow2(top_k), SOFTMAX=scoring == "softmax", HAS_BIAS=has_bias,
                       GROUPED=grouped, RENORMALIZE=bool(renormalize))
-    return runtime, constexprs
-
-
-def router_warps(E: int, n_group: int, topk_group: int) -> int:
-    grouped = bool(n_group) and topk_group < n_group
-    groups = n_group if grouped else 1
-    return _warps(next_pow2(groups) * next_pow2(E // groups))
+    return runtime, constexprs, _warps(next_pow2(groups) * next_pow2(group_len))
 
 
 def _launch(router_logits, correction_bias, top_k, scoring, renormalize, n_group, topk_group,
@@ -76,14 +70,15 @@ def _launch(router_logits, correction_bias, top_k, scoring, renormalize, n_group
         router_logits = router_logits.contiguous()
     bias = correction_bias.contiguous() if correction_bias is not None else router_logits
     sorted_rows, flat_to_sorted, offsets = sort if sort is not None else (ids, ids, ids)
-    runtime, constexprs = router_settings(E, top_k, scoring, renormalize, n_group, topk_group,
-                                          routed_scaling_factor, correction_bias is not None)
+    runtime, constexprs, warps = router_settings(E, top_k, scoring, renormalize, n_group,
+                                                 topk_group, routed_scaling_factor,
+                                                 correction_bias is not None)
     with device_guard(router_logits):
         fast_launch(routing_kernel, (T,),
             router_logits, bias, weights, ids, sorted_rows, flat_to_sorted, offsets,
             router_logits.stride(0), E, *runtime, **constexprs,
             SORT_ONE_TOKEN=sort is not None, BLOCK_E1=next_pow2(E + 1) if sort is not None else 1,
-            num_warps=router_warps(E, n_group, topk_group))
+            num_warps=warps)
 
 
 def _warps(tile: int) -> int:
