@@ -1,7 +1,8 @@
 """A/B of the decode block's launch chain on the GPU: CUDA-graph replay of the GLM-4.6 block at
 a few tokens with programmatic dependent launch on / off, beside the block's two GEMMs alone;
 then the kernels of one replay (torch.profiler): name, duration, and the gap since the previous
-kernel ended (negative with PDL: the next kernel was launched before this one ended).
+kernel ended (negative with PDL: the next kernel was launched before this one ended). The two
+GEMMs alone are timed once, with the default PDL setting, and subtracted from both replays.
 
     python scripts/ab_block_decode.py [--m 1 8] [--reps 60]
 """

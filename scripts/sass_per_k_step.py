@@ -3,7 +3,9 @@
 
     python scripts/sass_per_k_step.py [--exact]   (the installed triton's cuobjdump)
 
---exact compiles for bf16 scales (exact mode) instead of fp8 scales with channel scales.
+--exact compiles for bf16 scales (exact mode) instead of fp8 scales with channel scales. With
+TRITON_CACHE_DIR=$(mktemp -d) TRITON_DUMP_PTXAS_LOG=1 ptxas's own log (spills, C7514/C7515
+serialization warnings) is printed before each tile's line.
 """
 import re, subprocess, sys, os, tempfile, glob
 import triton

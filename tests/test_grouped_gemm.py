@@ -137,16 +137,18 @@ def test_constraints_fix_fields_and_keep_the_rest(monkeypatch):
                                                                base.num_warps)
 
 
-@pytest.mark.parametrize("fields,message", [((16, 64, 4, 1, 2, 1), "1 or 2 rows"),
-                                            ((1, 48, 4, 1, 2, 1), "block_n=48"),
-                                            ((1, 64, 4, 1, 2, 5), "groups_per_step=5")])
-def test_bad_gemv_tile_refused_before_launch(fields, message, seed):
+@pytest.mark.parametrize("fields,extra,message", [((16, 64, 4, 1, 2, 1), {}, "1 or 2 rows"),
+                                                  ((1, 48, 4, 1, 2, 1), {}, "block_n=48"),
+                                                  ((1, 64, 4, 1, 2, 5), {}, "groups_per_step=5"),
+                                                  ((1, 64, 4, 1, 2, 1), {"prefetch_scales": True},
+                                                   "prefetch_scales=True")])
+def test_bad_gemv_tile_refused_before_launch(fields, extra, message, seed):
     from inductor_w4a8.launch.gemm_tiles import GemmTile
     from inductor_w4a8.launch.grouped_gemm import grouped_gemm as launch
     args = make_case(4, 2, 64, 128, 128, mode="exact")
     out = poisoned_out(args)
     with pytest.raises(ValueError, match=message):
-        launch(*args, tile=GemmTile(*fields, kernel="gemv"), out=out)
+        launch(*args, tile=GemmTile(*fields, kernel="gemv", **extra), out=out)
     assert torch.isnan(out.float()).all()    # nothing written
 
 

@@ -234,6 +234,15 @@ def test_pdl_only_for_grids_that_fit_a_few_waves(runtime):
     assert k.normal[0][2].get("launch_pdl") is True and "launch_pdl" not in k.normal[1][2]
 
 
+def test_launch_pdl_without_the_wait_is_refused_before_any_launch(runtime):
+    _gpu(runtime, 9)
+    k = _PdlJit()
+    for bad in ({"launch_pdl": True}, {"launch_pdl": True, "PDL": False}):
+        with pytest.raises(ValueError, match="needs PDL=True"):
+            _common.fast_launch(k, (3,), "x", 5, 1.5, BLOCK=64, **bad)
+    assert k.normal == []
+
+
 def test_pdl_switch_turns_it_off_and_the_key_changes(runtime):
     _gpu(runtime, 9)
     k = _PdlJit()

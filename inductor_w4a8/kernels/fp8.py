@@ -78,6 +78,12 @@ def fp8_row_scale(amax, nan_count, MIN_SCALE: tl.constexpr):
 
 
 @triton.jit
+def fp8_scale_of(v, MIN_SCALE: tl.constexpr):
+    """fp8_row_scale of the fp32 values v [BLOCK] held in registers (masked lanes 0)."""
+    return fp8_row_scale(tl.max(tl.abs(v), axis=0), tl.sum((v != v).to(tl.int32), axis=0), MIN_SCALE)
+
+
+@triton.jit
 def bf16_row_fp8_scale(x_ptr, base, K, MIN_SCALE: tl.constexpr, BLOCK_K: tl.constexpr):
     """fp8_row_scale of the K values at x_ptr + base (one pass in BLOCK_K chunks)."""
     amax = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -98,7 +104,7 @@ def bf16_row_to_fp8_one_tile(x_ptr, base, K, MIN_SCALE: tl.constexpr, BLOCK_K: t
     cols = tl.arange(0, BLOCK_K)
     mask = cols < K
     v = tl.load(x_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = fp8_row_scale(tl.max(tl.abs(v), axis=0), tl.sum((v != v).to(tl.int32), axis=0), MIN_SCALE)
+    scale = fp8_scale_of(v, MIN_SCALE)
     return cols, mask, quantize_e4m3_bits(v, scale, HW), scale
 
 

@@ -20,6 +20,8 @@ LAUNCH_DEPENDENTS = tl.constexpr("griddepcontrol.launch_dependents; // $0")
 
 @triton.jit
 def wait_for_prior_kernels(PDL: tl.constexpr):
+    """With PDL: wait until the previous kernel in the stream is done and its writes are
+    visible, then let the next kernel launch. A kernel's first statement (see above)."""
     if PDL:
         tl.inline_asm_elementwise(GRID_DEPENDENCY_WAIT, "=r", [], dtype=tl.int32, is_pure=False,
                                   pack=1)

@@ -9,7 +9,7 @@ recomputes v (the row is then in L2) and stores it. Only exp may differ from tor
 import triton
 import triton.language as tl
 
-from .fp8 import fp8_row_scale, quantize_e4m3_bits
+from .fp8 import fp8_row_scale, fp8_scale_of, quantize_e4m3_bits
 from .pdl import wait_for_prior_kernels
 
 
@@ -32,7 +32,7 @@ def silu_mul_quant_kernel(x_ptr, q_ptr, scale_ptr, I, MIN_SCALE: tl.constexpr,
         cols = tl.arange(0, BLOCK_I)
         mask = cols < I
         v = _silu_mul(x_ptr, x_base, I, cols, mask)
-        scale = fp8_row_scale(tl.max(tl.abs(v), axis=0), tl.sum((v != v).to(tl.int32), axis=0), MIN_SCALE)
+        scale = fp8_scale_of(v, MIN_SCALE)
         tl.store(scale_ptr + row, scale)
         q = quantize_e4m3_bits(v, scale, HW)
         tl.store(q_ptr + q_base + cols, q, mask=mask)

@@ -13,8 +13,10 @@ TRITON_INTERPRET=1, with launch hooks installed (profilers), when the JIT return
 
 On sm_90+ GPUs `fast_launch` also launches every kernel that takes a `PDL` constexpr, with a grid
 of at most PDL_MAX_PROGRAMS_PER_SM programs per SM, with programmatic dependent launch
-(kernels/pdl.py): PDL=True and Triton's `launch_pdl` option, always together. `pdl_launches(False)` (or W4A8_PDL=0) turns it off in a thread, for A/B timing.
-Kernels launched any other way (Inductor's generated code) run with PDL=False, as before.
+(kernels/pdl.py): PDL=True and Triton's `launch_pdl` option, always together; a call that sets
+`launch_pdl` itself without PDL=True is refused (it would start early without waiting).
+`pdl_launches(False)` (or W4A8_PDL=0) turns it off in a thread. Kernels that Inductor's
+generated code launches (the grouped GEMM traced through wrap_triton) run with PDL=False.
 """
 from __future__ import annotations
 
@@ -143,6 +145,10 @@ _pdl_devices: dict = {}      # current CUDA device index -> most programs launch
 
 def _with_pdl(kernel, grid, kwargs: dict) -> dict:
     """kwargs plus PDL_KWARGS where programmatic dependent launch applies (see module doc)."""
+    if kwargs.get("launch_pdl") and kwargs.get("PDL") is not True:
+        raise ValueError(f"fast_launch: {getattr(kernel, '__name__', kernel)} with launch_pdl=True "
+                         f"needs PDL=True (the kernel must wait for the previous one); pass both "
+                         f"or neither")
     if not pdl_launches.enabled():
         return kwargs
     takes = _takes_pdl.get(id(kernel))

@@ -192,6 +192,9 @@ def gemv_tile_problems(tile: GemmTile) -> list[str]:
         problems.append(f"groups_per_step={tile.groups_per_step} outside 1..4")
     if tile.programs_per_sm < 1:
         problems.append(f"programs_per_sm={tile.programs_per_sm} < 1")
+    if tile.prefetch_scales:
+        problems.append("prefetch_scales=True: only the Triton kernel loads scales a step ahead "
+                        "(the gemv kernel has no such option); set prefetch_scales=False")
     return problems
 
 
