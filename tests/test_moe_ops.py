@@ -510,14 +510,17 @@ else:  # TRITON_INTERPRET=1: the launchers on CPU tensors
         ref_a, ref_s = gathered_quantized(x, f2s)
         assert torch.equal(u8(a), u8(ref_a)) and torch.equal(a_scale, ref_s)
 
-    @pytest.mark.parametrize("R,I,block_i", [(0, 64, None), (1, 64, None), (13, 36, None), (7, 100, 32),
-                                             (5, 0, None), (6, 1536, None), (3, 3000, 1024)])
-    def test_interp_silu_mul_quantize_fp8(R, I, block_i, seed):
+    @pytest.mark.parametrize("R,I,tile", [
+        (0, 64, None), (1, 64, None), (13, 36, None), (5, 0, None), (6, 1536, None),
+        (7, 100, (32, 0, 4)), (3, 3000, (1024, 0, 4)),                    # two passes
+        (4, 1536, (256, 6, 1)), (3, 700, (256, 3, 1)), (2, 36, (256, 1, 1)),  # warp-per-row chunks
+        (3, 300, (128, 3, 1))])
+    def test_interp_silu_mul_quantize_fp8(R, I, tile, seed):
         x = (torch.randn(R, 2 * I) * 3).to(torch.bfloat16)
         if R:
             x[0] = 0
         with poisoned_empty():
-            q, s = _launch("silu_mul_quant").silu_mul_quantize_fp8(x, block_i=block_i)
+            q, s = _launch("silu_mul_quant").silu_mul_quantize_fp8(x, tile=tile)
         ref_q, ref_s = reference.silu_mul_quantize_fp8(x)
         assert_fp8_close(q, s, ref_q, ref_s)
 
@@ -581,10 +584,13 @@ SM90_BUILDS = {
         dict(MIN_SCALE=formats.FP8_MIN_SCALE, BLOCK_K=8192, HW=True, ONE_TILE=True),
         x_ptr="*bf16", f2s_ptr="*i32", a_ptr="*u8", a_scale_ptr="*fp32", K="i32", R="i32", top_k="i32")),
     "silu-one-tile": ("silu_mul_quant", "silu_mul_quant_kernel", *_sig(
-        dict(MIN_SCALE=formats.FP8_MIN_SCALE, BLOCK_I=2048, ONE_TILE=True, HW=True),
+        dict(MIN_SCALE=formats.FP8_MIN_SCALE, BLOCK_I=2048, NUM_CHUNKS=1, HW=True),
+        x_ptr="*bf16", q_ptr="*u8", scale_ptr="*fp32", I="i32")),
+    "silu-warp-chunks": ("silu_mul_quant", "silu_mul_quant_kernel", *_sig(
+        dict(MIN_SCALE=formats.FP8_MIN_SCALE, BLOCK_I=256, NUM_CHUNKS=6, HW=True),
         x_ptr="*bf16", q_ptr="*u8", scale_ptr="*fp32", I="i32")),
     "silu-loop": ("silu_mul_quant", "silu_mul_quant_kernel", *_sig(
-        dict(MIN_SCALE=formats.FP8_MIN_SCALE, BLOCK_I=1024, ONE_TILE=False, HW=True),
+        dict(MIN_SCALE=formats.FP8_MIN_SCALE, BLOCK_I=1024, NUM_CHUNKS=0, HW=True),
         x_ptr="*bf16", q_ptr="*u8", scale_ptr="*fp32", I="i32")),
     "fp8-per-token-quant": ("fp8_quant", "quantize_fp8_per_token_kernel", *_sig(
         dict(MIN_SCALE=formats.FP8_MIN_SCALE, BLOCK_K=2048, HW=True, ONE_TILE=False),
@@ -720,6 +726,26 @@ def test_cuda_silu_mul_quantize_fp8(R, I, seed):
         q, s = ops.silu_mul_quantize_fp8(x.cuda())
     ref_q, ref_s = ops.silu_mul_quantize_fp8(x)
     assert_fp8_close(q.cpu(), s.cpu(), ref_q, ref_s)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("R", [1023, 1024, 8192 * 8])
+def test_cuda_silu_mul_quantize_fp8_tiles_agree(R, seed):
+    """Both in-register tiles (few rows: one chunk over several warps; many rows: a warp a row)
+    and the two-pass loop give the same bits on GLM-4.6's I = 1536, either side of the switch."""
+    from inductor_w4a8.launch import silu_mul_quant as launcher
+    I = 1536
+    x = (torch.randn(R, 2 * I, device="cuda") * 3).to(torch.bfloat16)
+    x[R // 2] = float("nan")
+    outs = []
+    for tile in (None, (2048, 1, 8), (256, 6, 1), (1024, 0, 4)):
+        with poisoned_empty():
+            q, s = launcher.silu_mul_quantize_fp8(x, tile=tile)
+        outs.append((u8(q), s))
+    nan_as = lambda s: torch.nan_to_num(s, nan=-1.0)
+    assert bool(torch.isnan(outs[0][1][R // 2])) and not bool(torch.isnan(outs[0][1][R // 2 - 1]))
+    for q, s in outs[1:]:
+        assert torch.equal(q, outs[0][0]) and torch.equal(nan_as(s), nan_as(outs[0][1]))
 
 
 @pytest.mark.cuda

@@ -38,6 +38,26 @@ def _group_scale(s_rows, g, KG, rn, nmask):
 
 
 @triton.jit
+def _group_scale_bits(s_rows, g, KG, rn, nmask):
+    """The scales [BLOCK_N] of group g as int32 holding their stored bits; zero past the last
+    group. Carried from one K step to the next as int32, a loaded scale needs no byte packing at
+    the loop's back edge, so its load latency is paid where it is used, a step later."""
+    if s_rows.dtype.element_ty == tl.bfloat16:
+        bits = s_rows.to(tl.pointer_type(tl.uint16))
+    else:
+        bits = s_rows.to(tl.pointer_type(tl.uint8))
+    return tl.load(bits + g, mask=nmask & ((rn * 0 + g) < KG), other=0).to(tl.int32)
+
+
+@triton.jit
+def _scale_of_bits(bits, s_dtype: tl.constexpr):
+    """fp32 value of `_group_scale_bits`' int32 bits of a scale stored as `s_dtype`."""
+    if s_dtype == tl.bfloat16:
+        return (bits << 16).to(tl.float32, bitcast=True)
+    return bits.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+
+
+@triton.jit
 def _group_dot(w_rows, a_rows, g, nmask, rmask, kh, kk, BLOCK_N: tl.constexpr,
                GROUP: tl.constexpr, USE_ASM: tl.constexpr):
     """fp32 [BLOCK_N, BLOCK_M] = q[:, group g] @ a[:, group g]^T. Masked loads, not clamped
@@ -115,16 +135,16 @@ def w4a8_grouped_gemm_kernel(
         # program) does not wait for its own scale load. Off for throughput-bound tiles: the
         # carried load then stalls the next step's copies (docs/perf.md, session 6).
         if PREFETCH_SCALES:
-            s_next0 = _group_scale(s_rows, 0, KG, rn, nmask)
+            s_next0 = _group_scale_bits(s_rows, 0, KG, rn, nmask)
             if GROUPS_PER_STEP == 2:
-                s_next1 = _group_scale(s_rows, 1, KG, rn, nmask)
+                s_next1 = _group_scale_bits(s_rows, 1, KG, rn, nmask)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for g in range(0, KG, GROUPS_PER_STEP):
             # one group per dot: its fp32 result times its scale, accumulated in fp32. Two
             # groups per step put two independent wgmma chains in flight before the first wait.
             if PREFETCH_SCALES:
-                s0 = s_next0
-                s_next0 = _group_scale(s_rows, g + GROUPS_PER_STEP, KG, rn, nmask)
+                s0 = _scale_of_bits(s_next0, s_ptr.dtype.element_ty)
+                s_next0 = _group_scale_bits(s_rows, g + GROUPS_PER_STEP, KG, rn, nmask)
             else:
                 s0 = _group_scale(s_rows, g, KG, rn, nmask)
             p0 = _group_dot(w_rows, a_rows, g, nmask, rmask, kh, kk, BLOCK_N, GROUP, USE_ASM)
@@ -132,8 +152,8 @@ def w4a8_grouped_gemm_kernel(
                 # the last step of an odd KG has no second group: its loads are masked off
                 # and its scale is zero
                 if PREFETCH_SCALES:
-                    s1 = s_next1
-                    s_next1 = _group_scale(s_rows, g + GROUPS_PER_STEP + 1, KG, rn, nmask)
+                    s1 = _scale_of_bits(s_next1, s_ptr.dtype.element_ty)
+                    s_next1 = _group_scale_bits(s_rows, g + GROUPS_PER_STEP + 1, KG, rn, nmask)
                 else:
                     s1 = _group_scale(s_rows, g + 1, KG, rn, nmask)
                 has_g1 = (rn * 0 + g + 1) < KG
