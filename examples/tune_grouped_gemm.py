@@ -142,17 +142,21 @@ KERNELS = ("triton", gemm_tiles.WGMMA_KERNEL, gemm_tiles.GEMV_KERNEL)
 
 
 def parse_tile(text: str) -> GemmTile:
-    """"BM,BN,warps,stages,programs_per_sm[,groups_per_step][,kernel][,p]" -> GemmTile; a
-    trailing "p" sets prefetch_scales. Raises ValueError / TypeError for anything else."""
+    """"BM,BN,warps,stages,programs_per_sm[,groups_per_step][,kernel][,p][,t]" -> GemmTile; a
+    trailing "p" sets prefetch_scales, "t" tma_loads. Raises ValueError / TypeError for anything
+    else."""
     fields = text.split(",")
-    prefetch = fields[-1] == "p"
-    fields = fields[:-1] if prefetch else fields
+    flags = set()
+    while fields and fields[-1] in ("p", "t"):
+        flags.add(fields.pop())
+    prefetch = "p" in flags
     n_numbers = 6 if len(fields) >= 6 and fields[5].isdigit() else 5
     numbers = [int(f) for f in fields[:n_numbers]]
     kernel = fields[n_numbers:]
     if len(kernel) > 1 or (kernel and kernel[0] not in KERNELS):
         raise ValueError(f"after the numbers: one kernel name of {KERNELS} at most, got {kernel}")
-    return GemmTile(*numbers, **({"kernel": kernel[0]} if kernel else {}), prefetch_scales=prefetch)
+    return GemmTile(*numbers, **({"kernel": kernel[0]} if kernel else {}), prefetch_scales=prefetch,
+                    tma_loads="t" in flags)
 
 
 def timer(timing: str, rep: int):
@@ -227,8 +231,8 @@ def parse_args(argv):
                    help="token counts M timed (default: 1 16 64 256 1024 4096 8192)")
     p.add_argument("--variants", nargs="*", default=[],
                    help="extra tiles to time, each as block_m,block_n,num_warps,num_stages,"
-                        "programs_per_sm[,groups_per_step[,kernel]][,p] (GemmTile's fields; kernel triton, wgmma or "
-                        "gemv; a trailing p sets prefetch_scales)")
+                        "programs_per_sm[,groups_per_step[,kernel]][,p][,t] (GemmTile's fields; kernel triton, wgmma or "
+                        "gemv; a trailing p sets prefetch_scales, t tma_loads)")
     p.add_argument("--skip-check", action="store_true", help="skip the correctness checks")
     p.add_argument("--no-fbgemm", action="store_true", help="do not time FBGEMM beside ours")
     p.add_argument("--rep", type=positive_int, default=None,

@@ -15,14 +15,14 @@ from inductor_w4a8.kernels.grouped_gemm import w4a8_grouped_gemm_kernel
 from inductor_w4a8.launch.gemm_tiles import GEMM_TILES, DECODE_TILE
 table = [DECODE_TILE] + [t for _, t in GEMM_TILES]
 EXACT = "--exact" in sys.argv
-tiles = [(t.block_m, t.block_n, t.num_warps, t.num_stages, t.groups_per_step, t.prefetch_scales)
-         for t in table]
+tiles = [(t.block_m, t.block_n, t.num_warps, t.num_stages, t.groups_per_step, t.prefetch_scales,
+          t.tma_loads) for t in table]
 cuobj = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump"))[0]
-for bm, bn, nw, ns, gps, pf in tiles:
+for bm, bn, nw, ns, gps, pf, tma in tiles:
     sig = {"a_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "w_ptr": "*u8", "s_ptr": "*bf16" if EXACT else "*fp8e4nv", "chan_ptr": "*fp32",
            "off_ptr": "*i64", "out_ptr": "*bf16", "R": "i32", "N": "i32", "K": "i32", "E": "i32"}
     const = {"GROUP": 128, "HAS_CHAN": not EXACT, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_E": 256, "USE_ASM": True, "GROUPS_PER_STEP": gps,
-             "PREFETCH_SCALES": pf, "PDL": True}
+             "PREFETCH_SCALES": pf, "PDL": True, "TMA_LOADS": tma}
     sig.update({c: "constexpr" for c in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 9)}
     c = triton.compile(ASTSource(fn=w4a8_grouped_gemm_kernel, signature=sig, constexprs=const, attrs=attrs),
@@ -51,6 +51,6 @@ for bm, bn, nw, ns, gps, pf in tiles:
     body = ops[best[0]:best[1] + 1] if best else []
     steps = gps
     n = lambda p: sum(o.startswith(p) for o in body)
-    print(f"triton {triton.__version__} tile {bm}x{bn} w{nw} s{ns} gps{gps}{' prefetch_scales' if pf else ''}: {res} "
+    print(f"triton {triton.__version__} tile {bm}x{bn} w{nw} s{ns} gps{gps}{' prefetch_scales' if pf else ''}{' tma_loads' if tma else ''}: {res} "
           f"| K-loop instr {len(body)} ({len(body)/max(1,steps):.0f}/group): QGMMA {n('QGMMA')}, HGMMA {n('HGMMA')}, FFMA {n('FFMA')}, "
-          f"FMUL {n('FMUL')}, PRMT {n('PRMT')}, LDS {n('LDS')}, LDG {n('LDG')}, LDGSTS {n('LDGSTS')}, HMUL2 {n('HMUL2')}, F2FP {n('F2FP')}, STS {n('STS')}, BAR {n('BAR')}, WARPGROUP {n('WARPGROUP')}")
+          f"FMUL {n('FMUL')}, PRMT {n('PRMT')}, LDS {n('LDS')}, LDG {n('LDG')}, LDGSTS {n('LDGSTS')}, UTMALDG {n('UTMALDG')}, HMUL2 {n('HMUL2')}, F2FP {n('F2FP')}, STS {n('STS')}, BAR {n('BAR')}, WARPGROUP {n('WARPGROUP')}")

@@ -122,7 +122,8 @@ def _sm90_ttgir(mode: str, tile) -> str:
                  "R": "i32", "N": "i32", "K": "i32", "E": "i32"}
     constexprs = {"GROUP": 128, "HAS_CHAN": mode == "fp8", "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n,
                   "BLOCK_E": 256, "USE_ASM": True, "GROUPS_PER_STEP": tile.groups_per_step,
-                  "PREFETCH_SCALES": tile.prefetch_scales, "PDL": False}
+                  "PREFETCH_SCALES": tile.prefetch_scales, "PDL": False,
+                  "TMA_LOADS": tile.tma_loads}
     signature.update({name: "constexpr" for name in constexprs})
     try:
         compiled = triton.compile(ASTSource(fn=w4a8_grouped_gemm_kernel, signature=signature, constexprs=constexprs),
@@ -162,8 +163,10 @@ def test_sm90_code_of_both_modes_does_the_same_arithmetic(regime):
     assert all("f32" in t and "bf16" not in t and "f16" not in t.replace("f32", "") for t in fp8_muls + ex_muls), \
         (fp8_muls, ex_muls)
     assert fp8_ops["arith.truncf"] == ex_ops["arith.truncf"] == 1        # the output, once
-    # the scales become fp32 once per group, where they are used (loaded a step ahead)
-    assert fp8_ops["tt.fp_to_fp"] == ex_ops["arith.extf"] == tile.groups_per_step
+    # the scales become fp32 once per group, where they are used: fp8 by a convert, bf16 by a
+    # widening (loaded a step ahead and carried as int32 bits: a 16-bit shift under fp32's bits)
+    widen = "arith.shli" if tile.prefetch_scales else "arith.extf"
+    assert fp8_ops["tt.fp_to_fp"] == ex_ops[widen] == tile.groups_per_step
     assert fp8_ops["arith.extf"] == 0 and ex_ops["tt.fp_to_fp"] == 0
 
 

@@ -27,23 +27,20 @@ def test_decode_rows_get_the_decode_tile_and_more_rows_the_table():
     assert fixed == gemm_tiles.dataclasses.replace(DECODE_TILE, prefetch_scales=False)
 
 
-def _sm90_registers(tile, scale_dtype="*fp8e4nv") -> int:
-    """Registers per thread of the Triton kernel built for sm_90 with this tile (cuobjdump)."""
+def _sm90_build(tile, scale_dtype="*fp8e4nv", tma_loads=None):
+    """The Triton kernel compiled for sm_90 with this tile; tma_loads None: as the tile says."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from inductor_w4a8.kernels.grouped_gemm import w4a8_grouped_gemm_kernel
-    tools = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump"))
-    if not tools:
-        pytest.skip("this triton ships no cuobjdump")
     sig = {"a_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "w_ptr": "*u8", "s_ptr": scale_dtype,
            "chan_ptr": "*fp32", "off_ptr": "*i64", "out_ptr": "*bf16", "R": "i32", "N": "i32",
            "K": "i32", "E": "i32"}
     const = {"GROUP": 128, "HAS_CHAN": scale_dtype == "*fp8e4nv", "BLOCK_M": tile.block_m,
              "BLOCK_N": tile.block_n, "BLOCK_E": 256, "USE_ASM": True,
              "GROUPS_PER_STEP": tile.groups_per_step, "PREFETCH_SCALES": tile.prefetch_scales,
-             "PDL": True}
+             "PDL": True, "TMA_LOADS": tile.tma_loads if tma_loads is None else tma_loads}
     sig.update({c: "constexpr" for c in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 9)}
     try:
@@ -54,6 +51,16 @@ def _sm90_registers(tile, scale_dtype="*fp8e4nv") -> int:
         if "ptxas" in str(e).lower():
             pytest.skip(f"triton cannot assemble for sm_90 here: {e}")
         raise
+    return compiled
+
+
+def _sm90_registers(tile, scale_dtype="*fp8e4nv", tma_loads=None) -> int:
+    """Registers per thread of `_sm90_build` (cuobjdump)."""
+    import triton
+    compiled = _sm90_build(tile, scale_dtype, tma_loads)
+    tools = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump"))
+    if not tools:
+        pytest.skip("this triton ships no cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
@@ -66,8 +73,21 @@ def _sm90_registers(tile, scale_dtype="*fp8e4nv") -> int:
 @pytest.mark.parametrize("scale_dtype", ["*fp8e4nv", "*bf16"])
 def test_programs_per_sm_fit_in_the_register_file(tile, scale_dtype):
     """The persistent grid launches programs_per_sm programs per SM; if the registers hold fewer,
-    the rest wait for a whole program to finish (the table once asked for 4 where 3 fit)."""
-    regs = _sm90_registers(tile, scale_dtype)
-    per_warp = -(-regs * 32 // REGISTER_ALLOCATION_UNIT) * REGISTER_ALLOCATION_UNIT
-    resident = REGISTERS_PER_SM // (per_warp * tile.num_warps)
-    assert tile.programs_per_sm <= resident, (regs, resident)
+    the rest wait for a whole program to finish (the table once asked for 4 where 3 fit). A TMA
+    tile is checked as built both ways: with descriptors, and with copies (where TMA cannot run)."""
+    for tma_loads in sorted({tile.tma_loads, False}):
+        regs = _sm90_registers(tile, scale_dtype, tma_loads)
+        per_warp = -(-regs * 32 // REGISTER_ALLOCATION_UNIT) * REGISTER_ALLOCATION_UNIT
+        resident = REGISTERS_PER_SM // (per_warp * tile.num_warps)
+        assert tile.programs_per_sm <= resident, (tma_loads, regs, resident)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter does not compile")
+@pytest.mark.parametrize("tile", [t for _, t in GEMM_TILES if t.tma_loads], ids=str)
+def test_tma_tiles_fetch_by_tensor_copies(tile):
+    """A table tile with tma_loads builds (sm_90) to TMA tensor copies for a and w and no
+    per-thread cp.async; the same tile without it keeps the per-thread copies."""
+    tma_ptx = _sm90_build(tile).asm["ptx"]
+    assert "cp.async.bulk.tensor.2d" in tma_ptx and "cp.async.cg" not in tma_ptx
+    copies_ptx = _sm90_build(tile, tma_loads=False).asm["ptx"]
+    assert "cp.async.bulk.tensor" not in copies_ptx and "cp.async.c" in copies_ptx

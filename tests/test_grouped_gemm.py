@@ -11,6 +11,7 @@ The Gluon kernel (kernels/grouped_gemm_wgmma.py) cannot run under the interprete
 for sm_90 (cubin, and the overlap of wgmma(g) with the promotion of g - 1 present in the IR) and
 checks the launcher's fallback; the GPU tests run it on every boundary above.
 """
+import dataclasses
 import os
 
 import pytest
@@ -218,6 +219,10 @@ else:
         (37, 5, 136, 192, 64, 1, GemmTile(32, 64, 4, 2, 1, 1, prefetch_scales=True)),
         (6, 160, 128, 256, 128, 0, None),                             # R <= DECODE_ROWS: DECODE_TILE
         (9, 3, 72, 64, 64, 0, None),                                  # DECODE_TILE with one group
+        # TMA loads: tiles reaching into the next expert's rows and past R, N % BLOCK_N != 0
+        (70, 7, 200, 96, 32, 2, GemmTile(16, 64, 4, 2, 1, tma_loads=True)),
+        (150, 3, 72, 256, 128, 0, GemmTile(128, 64, 4, 3, 2, tma_loads=True)),
+        (37, 5, 136, 192, 64, 1, GemmTile(32, 64, 4, 2, 1, prefetch_scales=True, tma_loads=True)),
     ]
 
     @pytest.mark.parametrize("case", range(len(INTERP_CASES)))
@@ -345,7 +350,10 @@ def test_cuda_every_tile_and_group_size(G, groups, seed):
     ref = ref_of(args)
     tiles = [DECODE_TILE] + [t for _, t in GEMM_TILES] + [
         GemmTile(16, 64, 4, 4, 3, 2), GemmTile(128, 64, 4, 3, 2, 2), GemmTile(128, 128, 8, 3, 1),
-        GemmTile(64, 128, 8, 3, 1, 2), GemmTile(64, 64, 4, 4, 2, 1, prefetch_scales=True)]
+        GemmTile(64, 128, 8, 3, 1, 2), GemmTile(64, 64, 4, 4, 2, 1, prefetch_scales=True),
+        GemmTile(128, 64, 4, 4, 2, tma_loads=True), GemmTile(64, 64, 4, 4, 2, tma_loads=True),
+        GemmTile(128, 64, 4, 4, 2, prefetch_scales=True, tma_loads=True),
+        GemmTile(128, 128, 8, 3, 1, tma_loads=True)]
     for tile in tiles:   # two groups a step with one group along K: the table picks that too
         out = launch(*args, tile=tile, out=poisoned_out(args))
         assert rel_error(out, ref) <= TOL_GPU, tile
@@ -403,15 +411,40 @@ def test_cuda_opcheck(mode, seed):
 
 
 @pytest.mark.cuda
+def test_cuda_tma_tiles_match_copies_and_fall_back_when_misaligned(seed):
+    """A TMA tile gives the same bits as the same tile with copies (same products, same order),
+    at GLM-like and ragged shapes; an `a` whose base is not 16-byte aligned runs the copies."""
+    from inductor_w4a8.launch import grouped_gemm as gg
+    from inductor_w4a8.launch.gemm_tiles import GemmTile
+    for R, E, N, K, G in ((8192, 160, 256, 1024, 128), (777, 7, 264, 5 * 64, 64), (5, 3, 72, 96, 32)):
+        args = make_case(R, E, N, K, G, empty=1, mode="exact", device="cuda")
+        for tile in (GemmTile(128, 64, 4, 4, 2, tma_loads=True), GemmTile(32, 64, 4, 3, 2, tma_loads=True)):
+            copies = gg.grouped_gemm(*args, tile=dataclasses.replace(tile, tma_loads=False))
+            out = gg.grouped_gemm(*args, tile=tile, out=poisoned_out(args))
+            assert gg.LAST_LOADS == "tma"
+            assert torch.equal(out, copies), (R, tile)
+    a, *rest = make_case(100, 4, 64, 256, 128, mode="fp8", device="cuda")
+    shifted = torch.empty(a.numel() + 8, dtype=torch.uint8, device="cuda")[8:].view(a.dtype).view(a.shape)
+    shifted.copy_(a)
+    assert not gg.tma_loads_supported(shifted, rest[1])
+    tile = GemmTile(128, 64, 4, 4, 2, tma_loads=True)
+    copies = gg.grouped_gemm(shifted, *rest, tile=tile)
+    assert gg.LAST_LOADS == "copies"
+    assert torch.equal(copies, gg.grouped_gemm(a, *rest, tile=tile)) and gg.LAST_LOADS == "tma"
+
+
+@pytest.mark.cuda
 def test_cuda_garbage_offsets_memory_safe(seed):
     a, a_scale, wg, ws, chan, _, G = make_case(300, 6, 64, 128, 128, mode="fp8", device="cuda")
     from inductor_w4a8.launch.grouped_gemm import grouped_gemm as launch
     # What is checked: an out-of-bounds access would surface as an illegal-address error at the
     # synchronize (examples/memcheck_grouped_gemm.py runs the same offsets under memcheck), and
     # the output keeps its shape; garbage offsets give no defined values to compare against.
+    from inductor_w4a8.launch.gemm_tiles import GemmTile
     for off in ([0, 10**12, -5, 300, 7, 2, 300], [-(10**12), 3, 3, 3, 3, 3, 10**12], [300] * 7):
-        out = launch(a, a_scale, wg, ws, chan, torch.tensor(off, device="cuda"), G)
-        assert out.shape == (300, 64) and out.dtype == torch.bfloat16
+        for tile in (None, GemmTile(128, 64, 4, 4, 2, tma_loads=True)):
+            out = launch(a, a_scale, wg, ws, chan, torch.tensor(off, device="cuda"), G, tile=tile)
+            assert out.shape == (300, 64) and out.dtype == torch.bfloat16
     torch.cuda.synchronize()
 
 

@@ -64,11 +64,79 @@ def _group_dot(w_rows, a_rows, g, nmask, rmask, kh, kk, BLOCK_N: tl.constexpr,
     rows: a masked cp.async fetches nothing, and most rows of a small-M tile are padding."""
     wb = tl.load(w_rows + (g * (GROUP // 2) + kh)[None, :], mask=nmask[:, None], other=0)
     at = tl.load(a_rows + (g * GROUP + kk)[None, :], mask=rmask[:, None], other=0.0)
+    return tl.dot(_decoded(wb, BLOCK_N, GROUP, USE_ASM), tl.trans(at))
+
+
+@triton.jit
+def _decoded(wb, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, USE_ASM: tl.constexpr):
+    """fp8 q [BLOCK_N, GROUP] of a group's layout-v3 bytes [BLOCK_N, GROUP // 2]."""
     if USE_ASM:
-        wq = s4_tile_to_fp8_asm(wb, BLOCK_N, GROUP)
-    else:
-        wq = s4_tile_to_fp8_ops(wb, BLOCK_N, GROUP)
-    return tl.dot(wq, tl.trans(at))
+        return s4_tile_to_fp8_asm(wb, BLOCK_N, GROUP)
+    return s4_tile_to_fp8_ops(wb, BLOCK_N, GROUP)
+
+
+@triton.jit
+def _k_loop_copies(a_rows, w_rows, s_rows, KG, rm, rn, rmask, nmask, kh, kk,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
+                   USE_ASM: tl.constexpr, GROUPS_PER_STEP: tl.constexpr,
+                   PREFETCH_SCALES: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_M] of one tile, its tiles fetched by per-thread masked copies
+    (cp.async, pipelined by Triton)."""
+    s_dtype: tl.constexpr = s_rows.dtype.element_ty
+    # PREFETCH_SCALES: the group scales are loaded one step ahead, carried as int32 bits and
+    # converted where they are used, so a step does not wait for its own scale load.
+    if PREFETCH_SCALES:
+        s_next0 = _group_scale_bits(s_rows, 0, KG, rn, nmask)
+        if GROUPS_PER_STEP == 2:
+            s_next1 = _group_scale_bits(s_rows, 1, KG, rn, nmask)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for g in range(0, KG, GROUPS_PER_STEP):
+        # one group per dot: its fp32 result times its scale, accumulated in fp32. Two
+        # groups per step put two independent wgmma chains in flight before the first wait.
+        if PREFETCH_SCALES:
+            s0 = _scale_of_bits(s_next0, s_dtype)
+            s_next0 = _group_scale_bits(s_rows, g + GROUPS_PER_STEP, KG, rn, nmask)
+        else:
+            s0 = _group_scale(s_rows, g, KG, rn, nmask)
+        p0 = _group_dot(w_rows, a_rows, g, nmask, rmask, kh, kk, BLOCK_N, GROUP, USE_ASM)
+        if GROUPS_PER_STEP == 2:
+            # the last step of an odd KG has no second group: its loads are masked off
+            # and its scale is zero
+            if PREFETCH_SCALES:
+                s1 = _scale_of_bits(s_next1, s_dtype)
+                s_next1 = _group_scale_bits(s_rows, g + GROUPS_PER_STEP + 1, KG, rn, nmask)
+            else:
+                s1 = _group_scale(s_rows, g + 1, KG, rn, nmask)
+            has_g1 = (rn * 0 + g + 1) < KG
+            p1 = _group_dot(w_rows, a_rows, g + 1, nmask & has_g1, rmask & ((rm * 0 + g + 1) < KG),
+                            kh, kk, BLOCK_N, GROUP, USE_ASM)
+            acc += p0 * s0.to(tl.float32)[:, None] + p1 * s1.to(tl.float32)[:, None]
+        else:
+            acc += p0 * s0.to(tl.float32)[:, None]
+    return acc
+
+
+@triton.jit
+def _k_loop_tma(a_desc, w_desc, a_row, w_row, s_rows, KG, rn, nmask,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
+                USE_ASM: tl.constexpr, PREFETCH_SCALES: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_M] of one tile, its tiles fetched by the TMA engine (descriptor loads
+    at rows a_row / w_row, pipelined by Triton): no per-thread addresses or predicates in the
+    loop. The tile's rows past its expert's count hold the next expert's rows (zeros past the
+    end): computed and never stored."""
+    s_dtype: tl.constexpr = s_rows.dtype.element_ty
+    if PREFETCH_SCALES:
+        s_next = _group_scale_bits(s_rows, 0, KG, rn, nmask)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for g in range(0, KG):
+        if PREFETCH_SCALES:
+            s0 = _scale_of_bits(s_next, s_dtype)
+            s_next = _group_scale_bits(s_rows, g + 1, KG, rn, nmask)
+        else:
+            s0 = _group_scale(s_rows, g, KG, rn, nmask).to(tl.float32)
+        wq = _decoded(w_desc.load([w_row, g * (GROUP // 2)]), BLOCK_N, GROUP, USE_ASM)
+        acc += tl.dot(wq, tl.trans(a_desc.load([a_row, g * GROUP]))) * s0[:, None]
+    return acc
 
 
 @triton.jit
@@ -78,11 +146,12 @@ def w4a8_grouped_gemm_kernel(
     GROUP: tl.constexpr, HAS_CHAN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
     USE_ASM: tl.constexpr, GROUPS_PER_STEP: tl.constexpr, PREFETCH_SCALES: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, TMA_LOADS: tl.constexpr = False,
 ):
     """a fp8 [R, K] (rows sorted by expert), a_scale fp32 [R], w uint8 [E, N, K // 2] (layout v3),
     s fp8/bf16 [E, N, K // GROUP], chan fp32 [E, N] (if HAS_CHAN), off int64 [E + 1],
-    out bf16 [R, N]."""
+    out bf16 [R, N]. TMA_LOADS: a and w through tensor descriptors (16-byte aligned bases; the
+    launcher decides), GROUPS_PER_STEP 1."""
     wait_for_prior_kernels(PDL)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -105,6 +174,11 @@ def w4a8_grouped_gemm_kernel(
 
     KH = K // 2
     KG = K // GROUP
+    if TMA_LOADS:
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[R, K], strides=[K, 1],
+                                           block_shape=[BLOCK_M, GROUP])
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[E * N, KH], strides=[KH, 1],
+                                           block_shape=[BLOCK_N, GROUP // 2])
     rm = tl.arange(0, BLOCK_M)
     kh = tl.arange(0, GROUP // 2)
     kk = tl.arange(0, GROUP)
@@ -126,42 +200,16 @@ def w4a8_grouped_gemm_kernel(
         rn64 = rn.to(tl.int64)
         e64 = e.to(tl.int64)
 
-        w_rows = w_ptr + e64 * N * KH + rn64[:, None] * KH    # [BLOCK_N, 1]
-        a_rows = a_ptr + rows[:, None] * K                    # [BLOCK_M, 1]
         s_rows = s_ptr + e64 * N * KG + rn64 * KG             # [BLOCK_N]
-
-        # PREFETCH_SCALES: the group scales are loaded one step ahead and carried in their
-        # stored dtype, converted where they are used, so a latency-bound step (one tile per
-        # program) does not wait for its own scale load. Off for throughput-bound tiles: the
-        # carried load then stalls the next step's copies (docs/perf.md, session 6).
-        if PREFETCH_SCALES:
-            s_next0 = _group_scale_bits(s_rows, 0, KG, rn, nmask)
-            if GROUPS_PER_STEP == 2:
-                s_next1 = _group_scale_bits(s_rows, 1, KG, rn, nmask)
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for g in range(0, KG, GROUPS_PER_STEP):
-            # one group per dot: its fp32 result times its scale, accumulated in fp32. Two
-            # groups per step put two independent wgmma chains in flight before the first wait.
-            if PREFETCH_SCALES:
-                s0 = _scale_of_bits(s_next0, s_ptr.dtype.element_ty)
-                s_next0 = _group_scale_bits(s_rows, g + GROUPS_PER_STEP, KG, rn, nmask)
-            else:
-                s0 = _group_scale(s_rows, g, KG, rn, nmask)
-            p0 = _group_dot(w_rows, a_rows, g, nmask, rmask, kh, kk, BLOCK_N, GROUP, USE_ASM)
-            if GROUPS_PER_STEP == 2:
-                # the last step of an odd KG has no second group: its loads are masked off
-                # and its scale is zero
-                if PREFETCH_SCALES:
-                    s1 = _scale_of_bits(s_next1, s_ptr.dtype.element_ty)
-                    s_next1 = _group_scale_bits(s_rows, g + GROUPS_PER_STEP + 1, KG, rn, nmask)
-                else:
-                    s1 = _group_scale(s_rows, g + 1, KG, rn, nmask)
-                has_g1 = (rn * 0 + g + 1) < KG
-                p1 = _group_dot(w_rows, a_rows, g + 1, nmask & has_g1, rmask & ((rm * 0 + g + 1) < KG),
-                                kh, kk, BLOCK_N, GROUP, USE_ASM)
-                acc += p0 * s0.to(tl.float32)[:, None] + p1 * s1.to(tl.float32)[:, None]
-            else:
-                acc += p0 * s0.to(tl.float32)[:, None]
+        if TMA_LOADS:
+            acc = _k_loop_tma(a_desc, w_desc, (row0 + (mt - first) * BLOCK_M).to(tl.int32),
+                              e * N + nt * BLOCK_N, s_rows, KG, rn, nmask, BLOCK_M, BLOCK_N, GROUP,
+                              USE_ASM, PREFETCH_SCALES)
+        else:
+            w_rows = w_ptr + e64 * N * KH + rn64[:, None] * KH    # [BLOCK_N, 1]
+            a_rows = a_ptr + rows[:, None] * K                    # [BLOCK_M, 1]
+            acc = _k_loop_copies(a_rows, w_rows, s_rows, KG, rm, rn, rmask, nmask, kh, kk, BLOCK_M,
+                                 BLOCK_N, GROUP, USE_ASM, GROUPS_PER_STEP, PREFETCH_SCALES)
 
         if HAS_CHAN:
             chan = tl.load(chan_ptr + e64 * N + rn64, mask=nmask, other=0.0)

@@ -220,3 +220,37 @@ def clear_fast_launch_cache() -> None:
     _takes_pdl.clear()
     _pdl_devices.clear()
     _RUNTIME = None
+
+
+def _scratch_on_current_device(size: int, alignment: int, stream) -> torch.Tensor:
+    """Triton's global scratch (tensor descriptors built on the device) from torch's caching
+    allocator, so it is stream-ordered and lives in a CUDA graph's pool during a capture."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _scratch_allocator_var():
+    """Triton's allocator context variable (private: triton.runtime._allocation), or None."""
+    try:
+        from triton.runtime import _allocation
+        var = _allocation._allocator
+    except (ImportError, AttributeError):
+        return None
+    return var if hasattr(var, "set") and hasattr(var, "reset") else None
+
+
+def device_scratch_supported() -> bool:
+    """Whether kernels that need Triton's global scratch can be given torch memory here."""
+    return _scratch_allocator_var() is not None
+
+
+@contextlib.contextmanager
+def device_scratch():
+    """Around a launch of a kernel that builds tensor descriptors on the device: Triton's
+    scratch allocator set to torch memory for this context only (the user's own allocator, if
+    any, is back after the launch)."""
+    var = _scratch_allocator_var()
+    token = var.set(_scratch_on_current_device)
+    try:
+        yield
+    finally:
+        var.reset(token)

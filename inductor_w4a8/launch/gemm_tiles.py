@@ -35,6 +35,11 @@ class GemmTile:
     # Triton kernel only: load each group's scales one K step ahead. Helps where each program
     # runs one tile (latency bound, decode); slows throughput-bound tiles (docs/perf.md, session 6).
     prefetch_scales: bool = False
+    # Triton kernel only: the activation and weight tiles fetched by the TMA engine (tensor
+    # descriptors) instead of per-thread cp.async copies. Runs where descriptors can: an sm_90+
+    # GPU, eager launches (not a trace through wrap_triton), 16-byte aligned a and w; the same
+    # tile with copies everywhere else. groups_per_step 1.
+    tma_loads: bool = False
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -44,14 +49,17 @@ class GemmTile:
 # Small row counts are weight-bandwidth bound: narrow token tiles and two groups per K step to
 # keep enough weight bytes and wgmma chains in flight. Large row
 # counts: 128 tokens x 64 weight rows, 2 programs per SM so one converts while the other's
-# wgmma runs. Measured on the H200 (docs/perf.md, session 6). programs_per_sm must not exceed
+# wgmma runs; from 64 rows per expert on, the tiles come by TMA (tma_loads: 5-17% faster at
+# 1024-8192 tokens, slower below). Measured on the H200 (docs/perf.md, sessions 6 and 8). programs_per_sm must not exceed
 # the occupancy the kernel's registers allow (tests/test_gemm_tiles.py checks it on the sm_90
 # build), or persistent programs queue behind each other.
 GEMM_TILES: tuple[tuple[float, GemmTile], ...] = (
     (16, GemmTile(block_m=16, block_n=128, num_warps=4, num_stages=3, programs_per_sm=2, groups_per_step=2)),
     (32, GemmTile(block_m=32, block_n=64, num_warps=4, num_stages=4, programs_per_sm=3)),
-    (64, GemmTile(block_m=64, block_n=64, num_warps=4, num_stages=4, programs_per_sm=2)),
-    (float("inf"), GemmTile(block_m=128, block_n=64, num_warps=4, num_stages=4, programs_per_sm=2)),
+    (64, GemmTile(block_m=64, block_n=64, num_warps=4, num_stages=4, programs_per_sm=2,
+                  tma_loads=True)),
+    (float("inf"), GemmTile(block_m=128, block_n=64, num_warps=4, num_stages=3, programs_per_sm=2,
+                            tma_loads=True)),
 )
 
 # Up to two tokens' routed rows at top-8 (decode of one or two sequences): every tile has its
@@ -99,6 +107,7 @@ class GemmConstraints:
     groups_per_step: int | None = None
     kernel: str | None = None
     prefetch_scales: bool | None = None
+    tma_loads: bool | None = None
 
     def apply(self, tile: GemmTile) -> GemmTile:
         fixed = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -165,6 +174,12 @@ def tile_problems(tile: GemmTile, N: int | None, K: int | None, group_size: int)
         problems.append(f"num_stages={tile.num_stages} outside {STAGES_RANGE}")
     if tile.groups_per_step not in (1, 2):
         problems.append(f"groups_per_step={tile.groups_per_step} not 1 or 2")
+    elif tile.tma_loads and tile.groups_per_step != 1:
+        problems.append(f"tma_loads=True with groups_per_step={tile.groups_per_step}: the TMA loop "
+                        f"takes one group a step; set groups_per_step=1")
+    if tile.tma_loads and tile.kernel != "triton":
+        problems.append(f"tma_loads=True with kernel={tile.kernel!r}: only the Triton kernel has a "
+                        f"TMA loop; set tma_loads=False")
     elif K is not None and tile.groups_per_step == 2 and K // group_size < 2:
         problems.append(f"groups_per_step=2 needs two groups along K={K}")
     if tile.programs_per_sm < 1:
@@ -211,7 +226,8 @@ def candidate_tiles(tile: GemmTile, N: int | None, K: int | None, group_size: in
                 replace(tile, block_n=128 if tile.block_n == 64 else 64),
                 replace(tile, num_warps=8 if tile.num_warps == 4 else 4),
                 replace(tile, num_stages=tile.num_stages - 1), replace(tile, num_stages=tile.num_stages + 1),
-                replace(tile, groups_per_step=3 - tile.groups_per_step)]
+                # two groups a step only with copies (the TMA loop takes one)
+                replace(tile, groups_per_step=3 - tile.groups_per_step, tma_loads=False)]
     out: list[GemmTile] = []
     for t in variants:
         if t not in out and (t == tile or not tile_problems(t, N, K, group_size)):

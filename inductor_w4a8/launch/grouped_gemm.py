@@ -13,12 +13,13 @@ import triton
 
 from ..kernels.grouped_gemm import w4a8_grouped_gemm_kernel
 from ..kernels.grouped_gemv import w4a8_grouped_gemv_kernel
-from ._common import fast_launch
+from ._common import device_scratch, device_scratch_supported, fast_launch
 from .gemm_tiles import (GEMV_KERNEL, WGMMA_FALLBACK, WGMMA_KERNEL, GemmConstraints, GemmTile,
-                         choose_tile, gemv_tile_problems, grid_size)
+                         choose_tile, gemv_tile_problems, grid_size, tile_problems)
 
 
 LAST_COMPILED = None  # the last compiled kernel (for SASS / register inspection in tuning)
+LAST_LOADS = None     # how the last Triton-kernel launch fetched its tiles: "tma" or "copies"
 
 
 def _interpreting() -> bool:
@@ -59,10 +60,14 @@ def grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scal
     if tile.kernel == GEMV_KERNEL:
         return _launch_gemv(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_size, tile,
                             out, use_asm, wrap)
+    if tile.tma_loads and (problems := tile_problems(tile, N, K, group_size)):
+        raise ValueError(f"grouped_gemm: tile {tile} cannot run: {'; '.join(problems)}")
+    tma = tile.tma_loads and wrap is None and tma_loads_supported(a, w)
     grid = (grid_size(tile, R, N, E, a.device),)
     has_chan = w_chan_scale is not None
     chan = w_chan_scale if has_chan else w_scale  # placeholder pointer when unused
-    global LAST_COMPILED
+    global LAST_COMPILED, LAST_LOADS
+    LAST_LOADS = "tma" if tma else "copies"
     args = (a, a_scale, w.view(torch.uint8), w_scale, chan, expert_offsets, out, R, N, K, E)
     kwargs = dict(GROUP=group_size, HAS_CHAN=has_chan,
                   BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
@@ -70,11 +75,28 @@ def grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scal
                   USE_ASM=use_asm, GROUPS_PER_STEP=tile.groups_per_step,
                   PREFETCH_SCALES=tile.prefetch_scales,
                   num_warps=tile.num_warps, num_stages=tile.num_stages)
-    if wrap is None:   # eager: the compiled kernel launched directly after its first launch
+    if tma:   # the descriptors are built on the device, in Triton's scratch memory
+        with device_scratch():
+            LAST_COMPILED = fast_launch(w4a8_grouped_gemm_kernel, grid, *args, **kwargs,
+                                        TMA_LOADS=True)
+    elif wrap is None:   # eager: the compiled kernel launched directly after its first launch
         LAST_COMPILED = fast_launch(w4a8_grouped_gemm_kernel, grid, *args, **kwargs)
     else:   # PDL given, not defaulted: Inductor's launcher of a user kernel drops defaulted constexprs
         LAST_COMPILED = wrap(w4a8_grouped_gemm_kernel)[grid](*args, **kwargs, PDL=False)
     return out
+
+
+def tma_loads_supported(a: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the Triton kernel can fetch a and w by tensor descriptors here: an sm_90+ GPU
+    (or the interpreter, which emulates them), a triton that builds descriptors on the device
+    and takes our scratch memory, and 16-byte aligned bases (TMA's rule; the row strides K and
+    K // 2 bytes are multiples of 16 since the group size is)."""
+    if not hasattr(triton.language, "make_tensor_descriptor"):
+        return False
+    if not _interpreting() and (a.device.type != "cuda" or _capability(a.device)[0] < 9
+                                or not device_scratch_supported()):
+        return False
+    return a.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
 
 
 def wgmma_supported(device: torch.device) -> bool:
