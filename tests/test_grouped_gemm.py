@@ -596,3 +596,45 @@ def test_cuda_wgmma_graph_capture(seed):
     ref = reference.grouped_gemm(static[0], static[1], formats.decode_gemm_layout(wg), ws, chan,
                                  static[2], G)
     assert rel_error(out, ref) <= TOL_GPU
+
+
+# ------------------------------------------------------------------------------------------
+# CPU: what a launch traced through wrap_triton passes
+# ------------------------------------------------------------------------------------------
+class _RecordingWrap:
+    """Stands in for torch.library.wrap_triton: records the kernel and the launch's keywords."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __call__(self, kernel):
+        recorder = self
+
+        class _Grid:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    recorder.launches.append((kernel, kwargs))
+                return launch
+        return _Grid()
+
+
+@pytest.mark.parametrize("tile", [None, "tma", "gemv"])
+def test_traced_launch_passes_every_defaulted_constexpr(tile):
+    """Inductor's launcher of a user kernel drops constexprs left at their defaults (torch 2.11:
+    `launcher() missing ... '_grid_2'`), so a traced launch passes all of them; a TMA tile traced
+    runs with copies (descriptors need Triton's scratch, which the traced launch has not)."""
+    pytest.importorskip("triton")
+    import inspect
+
+    from inductor_w4a8.launch import grouped_gemm as gg
+    from inductor_w4a8.launch.gemm_tiles import GemmTile
+    tile = {None: None, "tma": GemmTile(128, 64, 4, 3, 2, tma_loads=True),
+            "gemv": GemmTile(1, 64, 4, 1, 6, 1, kernel="gemv")}[tile]
+    args = make_case(40, 3, 64, 128, 128, mode="fp8")
+    wrap = _RecordingWrap()
+    gg.grouped_gemm(*args, tile=tile, wrap=wrap)
+    ((kernel, kwargs),) = wrap.launches
+    defaults = {n for n, p in inspect.signature(kernel.fn).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    assert defaults and defaults <= set(kwargs), defaults - set(kwargs)
+    assert kwargs["PDL"] is False and kwargs.get("TMA_LOADS", False) is False

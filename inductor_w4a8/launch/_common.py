@@ -254,3 +254,13 @@ def device_scratch():
         yield
     finally:
         var.reset(token)
+
+
+def traced_launch_defaults(kernel) -> dict:
+    """Every parameter of a @triton.jit kernel that has a default, at its default. A launch that
+    Inductor's generated code makes (torch.library.wrap_triton) passes them all explicitly: its
+    launcher of a user kernel drops constexprs left at their defaults (torch 2.11: "launcher()
+    missing 1 required positional argument: '_grid_2'")."""
+    fn = getattr(kernel, "fn", kernel)
+    return {name: p.default for name, p in inspect.signature(fn).parameters.items()
+            if p.default is not inspect.Parameter.empty}

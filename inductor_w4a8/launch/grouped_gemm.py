@@ -13,7 +13,7 @@ import triton
 
 from ..kernels.grouped_gemm import w4a8_grouped_gemm_kernel
 from ..kernels.grouped_gemv import w4a8_grouped_gemv_kernel
-from ._common import device_scratch, device_scratch_supported, fast_launch
+from ._common import device_scratch, device_scratch_supported, fast_launch, traced_launch_defaults
 from .gemm_tiles import (GEMV_KERNEL, WGMMA_FALLBACK, WGMMA_KERNEL, GemmConstraints, GemmTile,
                          choose_tile, gemv_tile_problems, grid_size, tile_problems)
 
@@ -81,8 +81,9 @@ def grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scal
                                         TMA_LOADS=True)
     elif wrap is None:   # eager: the compiled kernel launched directly after its first launch
         LAST_COMPILED = fast_launch(w4a8_grouped_gemm_kernel, grid, *args, **kwargs)
-    else:   # PDL given, not defaulted: Inductor's launcher of a user kernel drops defaulted constexprs
-        LAST_COMPILED = wrap(w4a8_grouped_gemm_kernel)[grid](*args, **kwargs, PDL=False)
+    else:   # traced: PDL, TMA_LOADS, ... passed at their defaults (traced_launch_defaults)
+        kwargs = {**traced_launch_defaults(w4a8_grouped_gemm_kernel), **kwargs}
+        LAST_COMPILED = wrap(w4a8_grouped_gemm_kernel)[grid](*args, **kwargs)
     return out
 
 
@@ -170,5 +171,6 @@ def _launch_gemv(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_siz
     if wrap is None:
         LAST_COMPILED = fast_launch(w4a8_grouped_gemv_kernel, grid, *args, **kwargs)
     else:
-        LAST_COMPILED = wrap(w4a8_grouped_gemv_kernel)[grid](*args, **kwargs, PDL=False)   # as above
+        kwargs = {**traced_launch_defaults(w4a8_grouped_gemv_kernel), **kwargs}   # as above
+        LAST_COMPILED = wrap(w4a8_grouped_gemv_kernel)[grid](*args, **kwargs)
     return out
