@@ -49,13 +49,15 @@ class GemmTile:
 # Small row counts are weight-bandwidth bound: narrow token tiles and two groups per K step to
 # keep enough weight bytes and wgmma chains in flight. Large row
 # counts: 128 tokens x 64 weight rows, 2 programs per SM so one converts while the other's
-# wgmma runs; from 64 rows per expert on, the tiles come by TMA (tma_loads: 5-17% faster at
-# 1024-8192 tokens, slower below). Measured on the H200 (docs/perf.md, sessions 6 and 8). programs_per_sm must not exceed
+# wgmma runs. From 17 rows per expert on, the tiles come by TMA (tma_loads: 5-17% faster at
+# 512-8192 tokens; the 16-token tiles of row 0 are faster with copies). Measured on the H200
+# (docs/perf.md, sessions 6 and 8). programs_per_sm must not exceed
 # the occupancy the kernel's registers allow (tests/test_gemm_tiles.py checks it on the sm_90
 # build), or persistent programs queue behind each other.
 GEMM_TILES: tuple[tuple[float, GemmTile], ...] = (
     (16, GemmTile(block_m=16, block_n=128, num_warps=4, num_stages=3, programs_per_sm=2, groups_per_step=2)),
-    (32, GemmTile(block_m=32, block_n=64, num_warps=4, num_stages=4, programs_per_sm=3)),
+    (32, GemmTile(block_m=32, block_n=64, num_warps=4, num_stages=4, programs_per_sm=3,
+                  tma_loads=True)),
     (64, GemmTile(block_m=64, block_n=64, num_warps=4, num_stages=4, programs_per_sm=2,
                   tma_loads=True)),
     (float("inf"), GemmTile(block_m=128, block_n=64, num_warps=4, num_stages=3, programs_per_sm=2,
