@@ -205,7 +205,8 @@ if not INTERPRETED:
         pytest.importorskip("triton")
         run_interpreted(__file__, select="interp", timeout=3000)
 else:
-    from inductor_w4a8.launch.gemm_tiles import GEMM_TILES, GemmTile
+    from inductor_w4a8.launch import grouped_gemm as gg
+    from inductor_w4a8.launch.gemm_tiles import GEMM_TILES, GemmConstraints, GemmTile
     from inductor_w4a8.launch.grouped_gemm import grouped_gemm as launch
 
     INTERP_CASES = [  # R, E, N, K, G, empty, tile
@@ -233,6 +234,8 @@ else:
             empty = E - 1
         args = make_case(R, E, N, K, G, empty=empty, mode=mode)
         out = launch(*args, tile=tile, out=poisoned_out(args))
+        if R and tile is not None and tile.tma_loads:   # the interpreter runs the TMA loop too
+            assert gg.LAST_LOADS == "tma"
         assert out.shape == (R, N) and out.dtype == torch.bfloat16
         if R:
             assert rel_error(out, ref_of(args)) <= TOL_INTERP
@@ -258,11 +261,23 @@ else:
         """Offsets outside [0, R] and non-monotone: clamped and made monotone in the kernel."""
         a, a_scale, wg, ws, chan, _, G = make_case(20, 4, 64, 128, 128, mode="exact")
         off = torch.tensor([5, 100, -3, 12, 7])
-        out = launch(a, a_scale, wg, ws, chan, off, G, out=poisoned_out([a, a_scale, wg]))
         # monotone clamped offsets [5, 20, 20, 20, 20]: rows 5..19 are expert 0's
         ref = reference.grouped_gemm(a, a_scale, formats.decode_gemm_layout(wg), ws, chan,
                                      torch.tensor([0, 20, 20, 20, 20]), G)
-        assert rel_error(out[5:], ref[5:]) <= TOL_INTERP
+        for tile in (None, GemmTile(16, 64, 4, 2, 1, tma_loads=True)):
+            out = launch(a, a_scale, wg, ws, chan, off, G, tile=tile, out=poisoned_out([a, a_scale, wg]))
+            assert rel_error(out[5:], ref[5:]) <= TOL_INTERP, tile
+
+    def test_interp_tma_tile_with_two_groups_a_step_runs_copies(seed):
+        """The TMA loop takes one group a step: a TMA row of the table with groups_per_step=2
+        fixed by the caller runs with copies, not an error."""
+        args = make_case(45, 3, 64, 256, 64, mode="exact")
+        tile = GemmTile(64, 64, 4, 2, 2, tma_loads=True)
+        out = launch(*args, constraints=GemmConstraints(block_m=64, groups_per_step=2, tma_loads=True),
+                     out=poisoned_out(args))
+        assert gg.LAST_LOADS == "copies"
+        assert rel_error(out, ref_of(args)) <= TOL_INTERP
+        assert torch.equal(out, launch(*args, tile=dataclasses.replace(tile, tma_loads=False)))
 
 
     import triton

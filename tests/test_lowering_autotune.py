@@ -65,6 +65,8 @@ def test_candidates_pruned_for_the_problem():
     (GemmTile(16, 64, 4, 3, 0), "programs_per_sm=0"),
     (GemmTile(256, 256, 8, 5, 1, 2), "shared memory"),
     (GemmTile(256, 128, 4, 2, 1), "accumulator registers"),
+    (GemmTile(128, 128, 8, 4, 1, kernel="wgmma", tma_loads=True), "tma_loads=True with kernel='wgmma'"),
+    (GemmTile(1, 64, 4, 1, 6, 1, kernel="gemv", tma_loads=True), "set tma_loads=False"),
 ])
 def test_tile_problems_names_each_defect(tile, fragment):
     problems = tile_problems(tile, 4096, 4096, 128)
@@ -76,6 +78,11 @@ def test_tile_problems_shape_dependent():
     assert tile_problems(GemmTile(16, 256, 8, 2, 1), None, 4096, 128) == []
     assert any("two groups" in p for p in tile_problems(GemmTile(16, 64, 4, 2, 1, 2), 64, 128, 128))
     assert tile_problems(GemmTile(16, 64, 4, 2, 1, 2), 64, 256, 128) == []
+    # every problem is reported, not the first of a chain; a TMA tile with two groups a step is
+    # valid (it runs with copies)
+    both = tile_problems(GemmTile(16, 64, 4, 2, 1, 2, kernel="wgmma", tma_loads=True), 64, 128, 128)
+    assert any("two groups" in p for p in both) and any("tma_loads" in p for p in both), both
+    assert tile_problems(GemmTile(64, 64, 4, 2, 2, 2, tma_loads=True), 64, 256, 128) == []
 
 
 def test_every_table_tile_is_valid_on_glm():

@@ -728,6 +728,15 @@ def test_cuda_silu_mul_quantize_fp8(R, I, seed):
     assert_fp8_close(q.cpu(), s.cpu(), ref_q, ref_s)
 
 
+@pytest.mark.parametrize("tile", [(128, 1, 1), (100, 3, 1), (128, 2, 4)])
+def test_silu_mul_quantize_tile_override_checked(tile):
+    """A tile that does not cover the row (or a BLOCK_I that is not a power of 2) is refused
+    before anything launches, naming the argument."""
+    from inductor_w4a8.launch import silu_mul_quant as launcher
+    with pytest.raises(ValueError, match=r"tile=.*NUM_CHUNKS \* BLOCK_I >= I = 300"):
+        launcher.silu_mul_quantize_fp8(torch.randn(2, 600).to(torch.bfloat16), tile=tile)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("R", [1023, 1024, 8192 * 8])
 def test_cuda_silu_mul_quantize_fp8_tiles_agree(R, seed):

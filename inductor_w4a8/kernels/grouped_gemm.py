@@ -84,7 +84,9 @@ def _k_loop_copies(a_rows, w_rows, s_rows, KG, rm, rn, rmask, nmask, kh, kk,
     (cp.async, pipelined by Triton)."""
     s_dtype: tl.constexpr = s_rows.dtype.element_ty
     # PREFETCH_SCALES: the group scales are loaded one step ahead, carried as int32 bits and
-    # converted where they are used, so a step does not wait for its own scale load.
+    # converted where they are used, so a latency-bound step (one tile per program) does not
+    # wait for its own scale load. Off for throughput-bound tiles: there the extra live values
+    # cost more than the hidden latency (docs/perf.md, sessions 6 and 8).
     if PREFETCH_SCALES:
         s_next0 = _group_scale_bits(s_rows, 0, KG, rn, nmask)
         if GROUPS_PER_STEP == 2:

@@ -37,8 +37,8 @@ class GemmTile:
     prefetch_scales: bool = False
     # Triton kernel only: the activation and weight tiles fetched by the TMA engine (tensor
     # descriptors) instead of per-thread cp.async copies. Runs where descriptors can: an sm_90+
-    # GPU, eager launches (not a trace through wrap_triton), 16-byte aligned a and w; the same
-    # tile with copies everywhere else. groups_per_step 1.
+    # GPU, eager launches (not a trace through wrap_triton), 16-byte aligned a and w, one group
+    # a step (the TMA loop's); the same tile with copies everywhere else.
     tma_loads: bool = False
 
     def as_dict(self) -> dict:
@@ -49,15 +49,15 @@ class GemmTile:
 # Small row counts are weight-bandwidth bound: narrow token tiles and two groups per K step to
 # keep enough weight bytes and wgmma chains in flight. Large row
 # counts: 128 tokens x 64 weight rows, 2 programs per SM so one converts while the other's
-# wgmma runs. From 17 rows per expert on, the tiles come by TMA (tma_loads: 5-17% faster at
-# 512-8192 tokens; the 16-token tiles of row 0 are faster with copies). Measured on the H200
+# wgmma runs. From 33 rows per expert on, the tiles come by TMA (tma_loads: 5-17% faster at
+# 1024-8192 tokens; the 16-token tiles of row 0 are faster with copies, and row 1's TMA build
+# needs more registers than its 3 programs per SM allow with triton 3.6). Measured on the H200
 # (docs/perf.md, sessions 6 and 8). programs_per_sm must not exceed
 # the occupancy the kernel's registers allow (tests/test_gemm_tiles.py checks it on the sm_90
 # build), or persistent programs queue behind each other.
 GEMM_TILES: tuple[tuple[float, GemmTile], ...] = (
     (16, GemmTile(block_m=16, block_n=128, num_warps=4, num_stages=3, programs_per_sm=2, groups_per_step=2)),
-    (32, GemmTile(block_m=32, block_n=64, num_warps=4, num_stages=4, programs_per_sm=3,
-                  tma_loads=True)),
+    (32, GemmTile(block_m=32, block_n=64, num_warps=4, num_stages=4, programs_per_sm=3)),
     (64, GemmTile(block_m=64, block_n=64, num_warps=4, num_stages=4, programs_per_sm=2,
                   tma_loads=True)),
     (float("inf"), GemmTile(block_m=128, block_n=64, num_warps=4, num_stages=3, programs_per_sm=2,
@@ -174,14 +174,11 @@ def tile_problems(tile: GemmTile, N: int | None, K: int | None, group_size: int)
         problems.append(f"num_warps={tile.num_warps} not in {WARPS_CHOICES}")
     if not STAGES_RANGE[0] <= tile.num_stages <= STAGES_RANGE[1]:
         problems.append(f"num_stages={tile.num_stages} outside {STAGES_RANGE}")
-    if tile.groups_per_step not in (1, 2):
-        problems.append(f"groups_per_step={tile.groups_per_step} not 1 or 2")
-    elif tile.tma_loads and tile.groups_per_step != 1:
-        problems.append(f"tma_loads=True with groups_per_step={tile.groups_per_step}: the TMA loop "
-                        f"takes one group a step; set groups_per_step=1")
     if tile.tma_loads and tile.kernel != "triton":
         problems.append(f"tma_loads=True with kernel={tile.kernel!r}: only the Triton kernel has a "
                         f"TMA loop; set tma_loads=False")
+    if tile.groups_per_step not in (1, 2):
+        problems.append(f"groups_per_step={tile.groups_per_step} not 1 or 2")
     elif K is not None and tile.groups_per_step == 2 and K // group_size < 2:
         problems.append(f"groups_per_step=2 needs two groups along K={K}")
     if tile.programs_per_sm < 1:
@@ -212,6 +209,9 @@ def gemv_tile_problems(tile: GemmTile) -> list[str]:
     if tile.prefetch_scales:
         problems.append("prefetch_scales=True: only the Triton kernel loads scales a step ahead "
                         "(the gemv kernel has no such option); set prefetch_scales=False")
+    if tile.tma_loads:
+        problems.append("tma_loads=True: only the Triton kernel has a TMA loop (the gemv kernel "
+                        "reads with plain loads); set tma_loads=False")
     return problems
 
 

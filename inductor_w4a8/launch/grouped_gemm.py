@@ -6,24 +6,20 @@ comes from shapes (launch/gemm_tiles.py), the per-expert tile list is built on t
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 
 from ..kernels.grouped_gemm import w4a8_grouped_gemm_kernel
 from ..kernels.grouped_gemv import w4a8_grouped_gemv_kernel
-from ._common import device_scratch, device_scratch_supported, fast_launch, traced_launch_defaults
+from ._common import (device_scratch, device_scratch_supported, fast_launch, interpreting,
+                      traced_launch_defaults)
 from .gemm_tiles import (GEMV_KERNEL, WGMMA_FALLBACK, WGMMA_KERNEL, GemmConstraints, GemmTile,
-                         choose_tile, gemv_tile_problems, grid_size, tile_problems)
+                         choose_tile, gemv_tile_problems, grid_size)
 
 
 LAST_COMPILED = None  # the last compiled kernel (for SASS / register inspection in tuning)
 LAST_LOADS = None     # how the last Triton-kernel launch fetched its tiles: "tma" or "copies"
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
@@ -56,13 +52,11 @@ def grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scal
                                  tile, out)
         tile = WGMMA_FALLBACK
     if use_asm is None:
-        use_asm = a.device.type == "cuda" and not _interpreting()
+        use_asm = a.device.type == "cuda" and not interpreting()
     if tile.kernel == GEMV_KERNEL:
         return _launch_gemv(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_size, tile,
                             out, use_asm, wrap)
-    if tile.tma_loads and (problems := tile_problems(tile, N, K, group_size)):
-        raise ValueError(f"grouped_gemm: tile {tile} cannot run: {'; '.join(problems)}")
-    tma = tile.tma_loads and wrap is None and tma_loads_supported(a, w)
+    tma = tile.tma_loads and tile.groups_per_step == 1 and wrap is None and tma_loads_supported(a, w)
     grid = (grid_size(tile, R, N, E, a.device),)
     has_chan = w_chan_scale is not None
     chan = w_chan_scale if has_chan else w_scale  # placeholder pointer when unused
@@ -94,15 +88,15 @@ def tma_loads_supported(a: torch.Tensor, w: torch.Tensor) -> bool:
     K // 2 bytes are multiples of 16 since the group size is)."""
     if not hasattr(triton.language, "make_tensor_descriptor"):
         return False
-    if not _interpreting() and (a.device.type != "cuda" or _capability(a.device)[0] < 9
-                                or not device_scratch_supported()):
+    if not interpreting() and (a.device.type != "cuda" or _capability(a.device)[0] < 9
+                               or not device_scratch_supported()):
         return False
     return a.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
 
 
 def wgmma_supported(device: torch.device) -> bool:
     """The Gluon wgmma kernel runs on sm_90 GPUs only, compiled (never under the interpreter)."""
-    if device.type != "cuda" or _interpreting():
+    if device.type != "cuda" or interpreting():
         return False
     return _gluon_kernel() is not None and _capability(device)[0] == 9
 
@@ -165,7 +159,7 @@ def _launch_gemv(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_siz
             expert_offsets, out, R, N, K, E)
     kwargs = dict(GROUP=group_size, HAS_CHAN=has_chan, TWO_ROWS=tile.block_m == 2, BLOCK_N=tile.block_n,
                   BLOCK_E=max(16, triton.next_power_of_2(E)), GROUPS_PER_STEP=tile.groups_per_step,
-                  HW=a.device.type == "cuda" and not _interpreting(), USE_ASM=use_asm,
+                  HW=a.device.type == "cuda" and not interpreting(), USE_ASM=use_asm,
                   num_warps=tile.num_warps, num_stages=1)
     global LAST_COMPILED
     if wrap is None:
