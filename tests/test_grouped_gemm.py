@@ -269,15 +269,17 @@ else:
             assert rel_error(out[5:], ref[5:]) <= TOL_INTERP, tile
 
     def test_interp_tma_tile_with_two_groups_a_step_runs_copies(seed):
-        """The TMA loop takes one group a step: a TMA row of the table with groups_per_step=2
-        fixed by the caller runs with copies, not an error."""
-        args = make_case(45, 3, 64, 256, 64, mode="exact")
-        tile = GemmTile(64, 64, 4, 2, 2, tma_loads=True)
-        out = launch(*args, constraints=GemmConstraints(block_m=64, groups_per_step=2, tma_loads=True),
-                     out=poisoned_out(args))
+        """The TMA loop takes one group a step: a TMA tile with two groups a step, given whole or
+        made by GemmConstraints on a TMA row of the table, runs with copies, not an error."""
+        args = make_case(200, 3, 64, 256, 64, mode="exact")     # ~67 rows an expert: a TMA row
+        tile = GemmTile(64, 64, 4, 2, 2, 2, tma_loads=True)
+        out = launch(*args, tile=tile, out=poisoned_out(args))
+        assert gg.LAST_LOADS == "copies"
+        assert torch.equal(out, launch(*args, tile=dataclasses.replace(tile, tma_loads=False)))
+        assert gg.choose_tile(200, 64, 256, 3, 64).tma_loads
+        out = launch(*args, constraints=GemmConstraints(groups_per_step=2), out=poisoned_out(args))
         assert gg.LAST_LOADS == "copies"
         assert rel_error(out, ref_of(args)) <= TOL_INTERP
-        assert torch.equal(out, launch(*args, tile=dataclasses.replace(tile, tma_loads=False)))
 
 
     import triton

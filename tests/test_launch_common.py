@@ -306,3 +306,28 @@ def test_cuda_block_is_the_same_with_and_without_pdl(seed):
             assert torch.equal(out, no_pdl) and torch.equal(out, ops), T
             if T == 1:
                 assert launched_with_pdl
+
+
+def test_device_scratch_gives_torch_memory_on_the_device_then_restores_the_users_allocator():
+    """Triton's scratch allocator is ours only inside the context (the launch of a kernel that
+    builds tensor descriptors), on the launch's device; the user's own allocator is back after,
+    also when the launch raises."""
+    pytest.importorskip("triton")
+    var = _common._scratch_allocator_var()
+    if var is None:
+        pytest.skip("this triton has no allocator context variable")
+    def users(size, alignment, stream):
+        return None
+    token = var.set(users)
+    try:
+        with _common.device_scratch(torch.device("cpu")):
+            buf = var.get()(300, 128, None)
+            assert var.get() is not users
+        assert isinstance(buf, torch.Tensor) and buf.numel() == 300 and buf.device.type == "cpu"
+        assert var.get() is users
+        with pytest.raises(RuntimeError, match="launch failed"):
+            with _common.device_scratch(torch.device("cpu")):
+                raise RuntimeError("launch failed")
+        assert var.get() is users
+    finally:
+        var.reset(token)

@@ -222,10 +222,6 @@ def clear_fast_launch_cache() -> None:
     _RUNTIME = None
 
 
-def _scratch_on_current_device(size: int, alignment: int, stream) -> torch.Tensor:
-    """Triton's global scratch (tensor descriptors built on the device) from torch's caching
-    allocator, so it is stream-ordered and lives in a CUDA graph's pool during a capture."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def _scratch_allocator_var():
@@ -244,12 +240,16 @@ def device_scratch_supported() -> bool:
 
 
 @contextlib.contextmanager
-def device_scratch():
-    """Around a launch of a kernel that builds tensor descriptors on the device: Triton's
-    scratch allocator set to torch memory for this context only (the user's own allocator, if
-    any, is back after the launch)."""
+def device_scratch(device: torch.device):
+    """Around a launch on `device` of a kernel that builds tensor descriptors on the device:
+    Triton's scratch allocator set, for this context only, to torch's caching allocator on that
+    device (stream-ordered; in a CUDA graph's pool during a capture). The user's own allocator,
+    if any, is back after the launch."""
+    def scratch(size: int, alignment: int, stream) -> torch.Tensor:
+        return torch.empty(size, dtype=torch.int8, device=device)
+
     var = _scratch_allocator_var()
-    token = var.set(_scratch_on_current_device)
+    token = var.set(scratch)
     try:
         yield
     finally:

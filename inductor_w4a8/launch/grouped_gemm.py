@@ -70,7 +70,7 @@ def grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scal
                   PREFETCH_SCALES=tile.prefetch_scales,
                   num_warps=tile.num_warps, num_stages=tile.num_stages)
     if tma:   # the descriptors are built on the device, in Triton's scratch memory
-        with device_scratch():
+        with device_scratch(a.device):
             LAST_COMPILED = fast_launch(w4a8_grouped_gemm_kernel, grid, *args, **kwargs,
                                         TMA_LOADS=True)
     elif wrap is None:   # eager: the compiled kernel launched directly after its first launch

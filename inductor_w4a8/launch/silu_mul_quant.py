@@ -38,14 +38,14 @@ def silu_mul_quantize_fp8(x: torch.Tensor, *, tile: tuple[int, int, int] | None 
     """
     R, two_i = x.shape
     I = two_i // 2
-    q, scale = empty_fp8_rows(R, I, x.device)
-    if R == 0:
-        return q, scale
     block_i, num_chunks, warps = tile or silu_mul_tile(R, I)
     if tile is not None and (block_i & (block_i - 1) or (num_chunks and num_chunks * block_i < I)):
         raise ValueError(f"silu_mul_quantize_fp8: tile={tile} must be (BLOCK_I a power of 2, "
                          f"NUM_CHUNKS with NUM_CHUNKS * BLOCK_I >= I = {I}, or 0 for the two-pass "
                          f"loop, num_warps); pass tile=None for the default")
+    q, scale = empty_fp8_rows(R, I, x.device)
+    if R == 0:
+        return q, scale
     with device_guard(x):
         fast_launch(silu_mul_quant_kernel, (R,), x, q.view(torch.uint8), scale, I,
                     MIN_SCALE=formats.FP8_MIN_SCALE, BLOCK_I=block_i, NUM_CHUNKS=num_chunks,
