@@ -160,7 +160,8 @@ def test_table_keeps_the_triton_kernel():
 
 
 WGMMA_BUILDS = [  # BLOCK_M, BLOCK_N, num_warps, STAGES, GROUP, HAS_CHAN
-    (128, 128, 8, 4, 128, True), (64, 128, 8, 3, 64, False), (64, 64, 4, 4, 32, True)]
+    (64, 64, 4, 6, 128, True), (128, 64, 4, 4, 128, False), (64, 128, 8, 6, 64, False),
+    (64, 64, 4, 3, 32, True)]
 
 
 @pytest.mark.parametrize("build", WGMMA_BUILDS, ids=lambda b: "x".join(map(str, b)))
@@ -524,8 +525,8 @@ def test_cuda_glm46_8192_tokens(N, K, kernel, seed):
 # ------------------------------------------------------------------------------------------
 def _wgmma_tiles():
     from inductor_w4a8.launch.gemm_tiles import WGMMA_TILE, GemmTile
-    return [WGMMA_TILE, GemmTile(64, 128, 8, 3, 1, kernel="wgmma"),
-            GemmTile(64, 64, 4, 4, 2, kernel="wgmma")]
+    return [WGMMA_TILE, GemmTile(128, 64, 4, 4, 2, kernel="wgmma"),
+            GemmTile(64, 128, 8, 6, 1, kernel="wgmma"), GemmTile(64, 64, 4, 3, 3, kernel="wgmma")]
 
 
 def _need_wgmma():

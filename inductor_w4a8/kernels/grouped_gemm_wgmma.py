@@ -1,5 +1,6 @@
-"""Gluon kernel of `w4a8::grouped_gemm` for many rows per expert (Hopper, sm_90): async wgmma
-with the per-group fp32 promotion overlapped with the next group's MMA.
+"""Gluon kernel of `w4a8::grouped_gemm` for many rows per expert (Hopper, sm_90): TMA loads,
+the decoded weights fed to async wgmma from registers, the per-group promotion overlapped with
+the next group's MMA.
 
 Same contract and numerics as kernels/grouped_gemm.py:
 
@@ -8,37 +9,42 @@ Same contract and numerics as kernels/grouped_gemm.py:
 every group's fp8 wgmma result is multiplied by its fp32 scale and added to an fp32 accumulator
 (q * s is never rounded). Why Gluon: stock Triton makes each dot wait for its own result when
 that result feeds anything but the next dot's accumulator, so the promotion serializes MMA and
-math; here the wait is written by hand.
+math; here the waits are written by hand.
 
-One program = one out^T tile [BLOCK_N weight rows, BLOCK_M tokens]; with 8 warps two
-warpgroups of 64 weight rows each. Per tile: the group scales go to a shared table, and the
-activations and int4 weights of each group (one K step = one quantization group) stream
-through a STAGES-deep cp.async ring. K step g:
-  1. wgmma(g) is issued asynchronously on (e4m3 weights, activations), both in shared memory;
-  2. wait until only wgmma(g) is in flight, then promote wgmma(g - 1): acc += p * s[g - 1];
-  3. group g + 1's int4 weights are read back from the ring and decoded to exact e4m3 q by the
-     layout-v3 PRMT lookup (kernels/int4_decode.py) into the other weight buffer;
-  4. group g + STAGES - 1's copies are issued into the slot wgmma(g - 1) read.
-So the tensor cores run wgmma(g) while the warps promote, decode and issue copies. Two groups
-per loop iteration (two accumulators, no wgmma in flight across the back edge).
+One program = one out^T tile [BLOCK_N weight rows, BLOCK_M tokens] (one warpgroup per 64
+weight rows). The activations [BLOCK_M, G] and the int4 weights [BLOCK_N, G / 2] of each group
+(one K step = one quantization group) stream through a STAGES-deep ring filled by the TMA engine
+(one mbarrier per slot). A group's weights are read from the ring straight into the wgmma
+register-fragment layout of the first operand and decoded there to exact e4m3 q (layout v3's
+PRMT lookup, kernels/int4_decode.py): no shared-memory round trip for the decoded weights, and
+no CTA barrier between decode and MMA. K steps run in pairs (g, g + 1):
 
-Device-side tile list, clamping of offsets, int64 row addressing and the persistent grid are
-the same as the Triton kernel's (any offsets are memory-safe, no host sync).
+    wgmma(g) on q(g), decoded in the previous pair      | tensor cores busy from here on
+    decode q(g + 1); wgmma(g + 1)                        |
+    wait for wgmma(g); acc += p(g) * s(g); refill g's slot
+    decode q(g + 2) (carried into the next pair)
+    wait for wgmma(g + 1); acc += p(g + 1) * s(g + 1); refill its slot
+
+so only the last promotion of a pair runs with the tensor cores idle. No wgmma is in flight
+across the loop's back edge: carrying an in-flight accumulator through a loop makes the compiler
+copy its registers, which serializes every wgmma (ptxas C7514). An odd group count runs one
+group past K at the end: the TMA engine fills it with zeros and its scale is zero.
+
+Rows of a tile past its expert's count read the next expert's rows (zeros past R): computed,
+never stored. Device-side tile list, clamping of offsets, int64 row addressing and the
+persistent grid are the Triton kernel's (any offsets are memory-safe, no host sync). The two
+tensor descriptors are built on the device (the launcher provides Triton's scratch memory).
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (
-    fence_async_shared, warpgroup_mma, warpgroup_mma_wait)
+    fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
 
-from .int4_decode import s4_tile_to_fp8_asm
+from .int4_decode import S4X8_TO_FP8_CONSTRAINTS, S4X8_TO_FP8_PTX
 
 # The Gluon API moved between triton 3.6 and 3.9 (the GPU machine / CI): one name each here.
-if hasattr(async_copy, "async_load"):
-    _cp_async = async_copy.async_load                     # triton >= 3.7
-else:
-    _cp_async = async_copy.async_copy_global_to_shared    # triton 3.6
 _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
+_tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
 
 
 @gluon.jit
@@ -53,13 +59,6 @@ def _reinterpret_old(smem, dtype: gl.constexpr, shape: gl.constexpr, layout: gl.
 
 _smem_reinterpret = (_reinterpret_new if hasattr(gl.shared_memory_descriptor, "reinterpret")
                      else _reinterpret_old)
-
-
-@gluon.constexpr_function
-def _rows_blocked(cols, vec, num_warps):
-    """A blocked layout of [rows, cols] with `vec` contiguous elements of a row per thread."""
-    tpc = max(1, min(32, cols // vec))
-    return gl.BlockedLayout([1, vec], [32 // tpc, tpc], [num_warps, 1], [1, 0])
 
 
 @gluon.constexpr_function
@@ -80,8 +79,8 @@ def _mma_layout(block_m, num_warps):
 
 
 @gluon.constexpr_function
-def _fp8_smem_layout(cols):
-    """Shared layout of [rows, cols] bytes (the wgmma operands, and the int4 ring)."""
+def _tma_smem_layout(cols):
+    """Shared layout of a [rows, cols]-byte TMA tile that wgmma (or the fragment loads) read."""
     return gl.NVMMASharedLayout(swizzle_byte_width=min(128, cols) if cols >= 32 else 0,
                                 element_bitwidth=8, rank=2)
 
@@ -97,44 +96,18 @@ def _add_combine(x, y):
 
 
 @gluon.jit
-def _decode_group(wb, BLOCK_N: gl.constexpr, GROUP: gl.constexpr):
-    """uint8 [BLOCK_N, GROUP // 2] layout-v3 bytes -> e4m3 q [BLOCK_N, GROUP] in natural K order.
-    Each thread holds whole 32-K chunks, so the join / reshape / permute only rename registers."""
-    return s4_tile_to_fp8_asm(wb, BLOCK_N, GROUP)
-
-
-@gluon.jit
-def _issue_copy(grp, a_ring, w_ring, a_rows, w_rows, a_rmask, w_nmask, KG,
-                GROUP: gl.constexpr, STAGES: gl.constexpr):
-    """cp.async of group grp's activations and int4 weights into ring slot grp % STAGES (one
-    commit group). Past the last group the last one is copied again: its MMA then meets zero
-    scales, and the masks stay loop-invariant (rows of the expert, n < N)."""
-    src = gl.minimum(grp, KG - 1)
-    _cp_async(a_ring.index(grp % STAGES), a_rows + src * GROUP, mask=a_rmask)
-    _cp_async(w_ring.index(grp % STAGES), w_rows + src * (GROUP // 2), mask=w_nmask)
-    async_copy.commit_group()
-
-
-@gluon.jit
-def _stage_weights(grp, w_ring, w_buf, GROUP: gl.constexpr, STAGES: gl.constexpr,
-                   BLOCK_N: gl.constexpr, w_l: gl.constexpr):
-    """Wait for group grp's copies, decode its int4 weights to e4m3 into w_buf. Each thread
-    reads back exactly the bytes its own cp.async wrote (same layout), so only its own
-    wait is needed; the caller's barrier publishes w_buf and the activations to the wgmma.
-    Called before the step's own copy is issued: STAGES - 3 copy groups may stay in flight.
-    The proxy fence compiles to MEMBAR.ALL.CTA, which waits for this thread's outstanding
-    memory operations: so no global load may be in flight here that is not needed yet (the
-    scales come from shared memory, the next copy is issued after the fence)."""
-    async_copy.wait_group(STAGES - 3)
-    wb = w_ring.index(grp % STAGES).load(w_l)
-    w_buf.store(_decode_group(wb, BLOCK_N, GROUP))
-    fence_async_shared()
-
-
-@gluon.jit
-def _scales(s_smem, grp, mma_l: gl.constexpr):
-    """fp32 scales [BLOCK_N] of group grp (zero past the last group) from the tile's table."""
-    return s_smem.index(grp).load(gl.SliceLayout(1, mma_l)).to(gl.float32)
+def _decode_fragment(wb, BLOCK_N: gl.constexpr, GROUP: gl.constexpr, dot_l: gl.constexpr):
+    """uint8 [BLOCK_N, GROUP // 2] layout-v3 bytes, held in the first-operand fragment layout
+    (each thread: whole words, 4 consecutive bytes) -> e4m3 q [BLOCK_N, GROUP] in that layout.
+    A thread's word (chunk j, word w) holds K = 32 j + 4 w + i (nibbles 0..3) and
+    32 j + 16 + 4 w + i (nibbles 4..7): exactly the K its two fragment registers of chunk j want,
+    so the join / reshape / permute only rename registers."""
+    lo, hi = gl.inline_asm_elementwise(asm=S4X8_TO_FP8_PTX, constraints=S4X8_TO_FP8_CONSTRAINTS,
+                                       args=[wb], dtype=(gl.float8e4nv, gl.float8e4nv),
+                                       is_pure=True, pack=4)
+    q = gl.join(lo, hi).reshape(BLOCK_N, GROUP // 32, 4, 4, 2)     # [n, j, w, i, h]
+    q = gl.permute(q, (0, 1, 4, 2, 3)).reshape(BLOCK_N, GROUP)     # k = 32 j + 16 h + 4 w + i
+    return gl.convert_layout(q, dot_l)
 
 
 @gluon.jit
@@ -151,30 +124,91 @@ def _load_scale_table(s_smem, s_ptr, e64, n0, N, KG, BLOCK_N: gl.constexpr,
 
 
 @gluon.jit
-def _mma(g, w_buf, a_ring, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-         mma_l: gl.constexpr):
-    return warpgroup_mma(w_buf, a_ring.index(g % STAGES).permute((1, 0)),
+def _issue_loads(grp, base, a_desc, w_desc, a_ring, w_ring, ready, a_row, w_row,
+                 GROUP: gl.constexpr, STAGES: gl.constexpr, pred):
+    """TMA of group grp's activation and weight tiles into ring slot (base + grp) % STAGES,
+    completing on that slot's mbarrier (skipped where pred is false)."""
+    slot = (base + grp) % STAGES
+    bar = ready.index(slot)
+    mbarrier.expect(bar, a_desc.block_type.nbytes + w_desc.block_type.nbytes, pred=pred)
+    _tma_load(a_desc, [a_row, grp * GROUP], bar, a_ring.index(slot), pred=pred)
+    _tma_load(w_desc, [w_row, grp * (GROUP // 2)], bar, w_ring.index(slot), pred=pred)
+
+
+@gluon.jit
+def _fragment(grp, base, w_ring, ready, BLOCK_N: gl.constexpr, GROUP: gl.constexpr,
+              STAGES: gl.constexpr, dot_l: gl.constexpr):
+    """Wait for group grp's tiles; its weights decoded to e4m3 in the first-operand layout."""
+    slot = (base + grp) % STAGES
+    mbarrier.wait(ready.index(slot), ((base + grp) // STAGES) & 1)
+    return _decode_fragment(w_ring.index(slot).load(dot_l), BLOCK_N, GROUP, dot_l)
+
+
+@gluon.jit
+def _mma(grp, base, wq, a_ring, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
+         BLOCK_M: gl.constexpr, mma_l: gl.constexpr):
+    return warpgroup_mma(wq, a_ring.index((base + grp) % STAGES).permute((1, 0)),
                          gl.zeros((BLOCK_N, BLOCK_M), gl.float32, layout=mma_l),
                          use_acc=False, is_async=True)
 
 
 @gluon.jit
-def _overlap_step(g, acc, p_prev, s_prev, w_buf, w_next, a_ring, w_ring, a_rows, w_rows,
-                  a_rmask, w_nmask, KG, GROUP: gl.constexpr, STAGES: gl.constexpr,
-                  BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, mma_l: gl.constexpr,
-                  w_l: gl.constexpr):
-    """Issue wgmma(g) on w_buf; promote wgmma(g - 1) while it runs; refill the ring slot and
-    the weight buffer wgmma(g - 1) read; decode group g + 1 into w_next (= that buffer).
-    Returns (acc, token of wgmma(g))."""
-    p = _mma(g, w_buf, a_ring, STAGES, BLOCK_N, BLOCK_M, mma_l)
-    done = warpgroup_mma_wait(1, deps=(p_prev,))
-    acc += done * s_prev[:, None]
-    _cta_barrier()   # every warpgroup's wgmma(g - 1) finished: its buffers are free
-    _stage_weights(g + 1, w_ring, w_next, GROUP, STAGES, BLOCK_N, w_l)
-    _issue_copy(g + STAGES - 1, a_ring, w_ring, a_rows, w_rows, a_rmask, w_nmask, KG,
-                GROUP, STAGES)
-    _cta_barrier()
-    return acc, p
+def _scales(s_smem, grp, mma_l: gl.constexpr):
+    """fp32 scales [BLOCK_N] of group grp (zero past the last group) from the tile's table."""
+    return s_smem.index(grp).load(gl.SliceLayout(1, mma_l)).to(gl.float32)
+
+
+@gluon.jit
+def _tile_k_loop(base, KG, KG2, a_desc, w_desc, a_ring, w_ring, ready, s_smem, a_row, w_row,
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP: gl.constexpr,
+                 STAGES: gl.constexpr, mma_l: gl.constexpr, dot_l: gl.constexpr):
+    """acc [BLOCK_N, BLOCK_M] of one tile over KG2 (KG rounded up to even) groups; ring
+    slots base .. base + KG2 - 1 (mod STAGES). Pairs of groups as the module docstring says;
+    group j's tiles are requested once wgmma(j - STAGES) has finished in every warp, so
+    STAGES - 2 groups load while a pair computes."""
+    for st in gl.static_range(STAGES):
+        _issue_loads(st, base, a_desc, w_desc, a_ring, w_ring, ready, a_row, w_row, GROUP,
+                     STAGES, st < KG2)
+    wq0 = _fragment(0, base, w_ring, ready, BLOCK_N, GROUP, STAGES, dot_l)
+    acc = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, layout=mma_l)
+    for g in range(0, KG2, 2):
+        p0 = _mma(g, base, wq0, a_ring, STAGES, BLOCK_N, BLOCK_M, mma_l)
+        wq1 = _fragment(g + 1, base, w_ring, ready, BLOCK_N, GROUP, STAGES, dot_l)
+        p1 = _mma(g + 1, base, wq1, a_ring, STAGES, BLOCK_N, BLOCK_M, mma_l)
+        d0 = warpgroup_mma_wait(1, deps=(p0,))
+        acc += d0 * _scales(s_smem, g, mma_l)[:, None]
+        _cta_barrier()   # every warp is past wgmma(g): its slot may be refilled
+        _issue_loads(g + STAGES, base, a_desc, w_desc, a_ring, w_ring, ready, a_row, w_row,
+                     GROUP, STAGES, g + STAGES < KG2)
+        if g + 2 < KG2:
+            wq0 = _fragment(g + 2, base, w_ring, ready, BLOCK_N, GROUP, STAGES, dot_l)
+        d1 = warpgroup_mma_wait(0, deps=(p1,))
+        acc += d1 * _scales(s_smem, g + 1, mma_l)[:, None]
+        _cta_barrier()
+        _issue_loads(g + 1 + STAGES, base, a_desc, w_desc, a_ring, w_ring, ready, a_row, w_row,
+                     GROUP, STAGES, g + 1 + STAGES < KG2)
+    return acc
+
+
+@gluon.jit
+def _store_tile(acc, out_ptr, a_scale_ptr, chan_ptr, e64, n0, row0, m0, cnt, N,
+                HAS_CHAN: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                mma_l: gl.constexpr, num_warps: gl.constexpr):
+    """out[rows, n] = bf16(acc^T * chan * a_scale) for the tile's rows of its expert."""
+    out_l: gl.constexpr = _out_blocked(num_warps)
+    if HAS_CHAN:
+        sn = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_l))
+        chan = gl.load(chan_ptr + e64 * N + (n0 + sn), mask=(n0 + sn) < N, other=0.0)
+        acc = acc * chan[:, None]
+    out = gl.convert_layout(acc, out_l)
+    on = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out_l))
+    om = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, out_l))
+    o_rmask = (m0 + om) < cnt
+    o_rows = row0 + m0 + om                                               # int64
+    a_sc = gl.load(a_scale_ptr + o_rows, mask=o_rmask, other=0.0)
+    out = (out * a_sc[None, :]).to(gl.bfloat16)
+    gl.store(out_ptr + o_rows[None, :] * N + (n0 + on).to(gl.int64)[:, None], out,
+             mask=((n0 + on) < N)[:, None] & o_rmask[None, :])
 
 
 @gluon.jit
@@ -185,18 +219,14 @@ def w4a8_grouped_gemm_wgmma_kernel(
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_E: gl.constexpr, STAGES: gl.constexpr,
     KG_PAD: gl.constexpr, num_warps: gl.constexpr,
 ):
-    """Arguments as w4a8_grouped_gemm_kernel's (w: uint8 view of layout v3). STAGES >= 3;
-    KG_PAD: a power of two > K // GROUP (the scale table's rows, one spare for the odd
-    count's zero group)."""
-    gl.static_assert(STAGES >= 3, "the ring keeps STAGES - 3 copy groups in flight at each wait")
+    """Arguments as w4a8_grouped_gemm_kernel's (w: uint8 view of layout v3; a and w 16-byte
+    aligned). STAGES >= 3; KG_PAD: a power of two > K // GROUP (the scale table's rows, one
+    spare for the odd count's zero group). BLOCK_N: a multiple of 16 * num_warps."""
+    gl.static_assert(STAGES >= 3, "a pair of groups and the next pair's first in the ring")
+    gl.static_assert(BLOCK_N % (16 * num_warps) == 0, "whole 64-row wgmmas per warpgroup")
     vec_l: gl.constexpr = _vec_layout(num_warps)
-    w_l: gl.constexpr = _rows_blocked(GROUP // 2, 16, num_warps)
-    a_l: gl.constexpr = _rows_blocked(GROUP, 16, num_warps)
     mma_l: gl.constexpr = _mma_layout(BLOCK_M, num_warps)
-    out_l: gl.constexpr = _out_blocked(num_warps)
-    w_sl: gl.constexpr = _fp8_smem_layout(GROUP)
-    a_sl: gl.constexpr = _fp8_smem_layout(GROUP)
-    wr_sl: gl.constexpr = _fp8_smem_layout(GROUP // 2)
+    dot_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_l, k_width=4)
 
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
@@ -206,8 +236,9 @@ def w4a8_grouped_gemm_wgmma_kernel(
     emask = eidx < E
     lo_off = gl.load(off_ptr + eidx, mask=emask, other=0).to(gl.int64)
     hi_off = gl.load(off_ptr + eidx + 1, mask=emask, other=0).to(gl.int64)
-    lo_off = gl.minimum(gl.maximum(lo_off, 0), R)
-    hi_off = gl.minimum(gl.maximum(hi_off, 0), R)
+    # clamped into [0, R], the row ranges fit int32 (fewer registers held through the tiles)
+    lo_off = gl.minimum(gl.maximum(lo_off, 0), R).to(gl.int32)
+    hi_off = gl.minimum(gl.maximum(hi_off, 0), R).to(gl.int32)
     start = gl.associative_scan(lo_off, 0, _max_combine)
     end = gl.maximum(gl.associative_scan(hi_off, 0, _max_combine), start)
     count = gl.where(emask, end - start, 0)
@@ -219,23 +250,26 @@ def w4a8_grouped_gemm_wgmma_kernel(
 
     KH = K // 2
     KG = K // GROUP
-    w_smem = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_N, GROUP], w_sl)
+    KG2 = KG + KG % 2
+    a_sl: gl.constexpr = _tma_smem_layout(GROUP)
+    w_sl: gl.constexpr = _tma_smem_layout(GROUP // 2)
+    a_desc = tma.make_tensor_descriptor(a_ptr, shape=[R, K], strides=[K, 1],
+                                        block_shape=[BLOCK_M, GROUP], layout=a_sl)
+    w_desc = tma.make_tensor_descriptor(w_ptr, shape=[E * N, KH], strides=[KH, 1],
+                                        block_shape=[BLOCK_N, GROUP // 2], layout=w_sl)
     a_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_M, GROUP], a_sl)
-    w_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, GROUP // 2], wr_sl)
+    w_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, GROUP // 2], w_sl)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for st in gl.static_range(STAGES):
+        mbarrier.init(ready.index(st), count=1)
+    fence_async_shared()
     # the scale table: stored as one [KG_PAD, BLOCK_N] tile, read as KG_PAD rows of [BLOCK_N]
     s_tab = gl.allocate_shared_memory(s_ptr.dtype.element_ty, [KG_PAD, BLOCK_N],
                                       gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     s_smem = _smem_reinterpret(s_tab, s_ptr.dtype.element_ty, [KG_PAD, BLOCK_N],
                                gl.SwizzledSharedLayout(1, 1, 1, [0]))
 
-    wn = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, w_l))
-    wk = gl.arange(0, GROUP // 2, layout=gl.SliceLayout(0, w_l))
-    am = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, a_l))
-    ak = gl.arange(0, GROUP, layout=gl.SliceLayout(0, a_l))
-    sn = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_l))
-    on = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out_l))
-    om = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, out_l))
-
+    base = 0   # ring slots used by this program's earlier tiles
     for tile in range(pid, total, nprog):
         mt = tile // n_tiles
         nt = tile % n_tiles
@@ -248,51 +282,14 @@ def w4a8_grouped_gemm_wgmma_kernel(
         m0 = (mt - first) * BLOCK_M
         n0 = nt * BLOCK_N
         e64 = e.to(gl.int64)
+        row0 = row0.to(gl.int64)
 
-        w_nmask = ((n0 + wn) < N)[:, None]
-        w_rows = w_ptr + e64 * N * KH + (n0 + wn).to(gl.int64)[:, None] * KH + wk[None, :]
-        a_rmask = ((m0 + am) < cnt)[:, None]
-        a_rows = a_ptr + (row0 + m0 + am)[:, None] * K + ak[None, :]          # int64 rows
-        s_nmask = (n0 + sn) < N
-
-        # prologue: the tile's scale table, groups 0 .. STAGES - 2 in flight, group 0 decoded
         _load_scale_table(s_tab, s_ptr, e64, n0, N, KG, BLOCK_N, KG_PAD, num_warps)
-        for st in gl.static_range(STAGES - 1):
-            _issue_copy(st, a_ring, w_ring, a_rows, w_rows, a_rmask, w_nmask, KG, GROUP, STAGES)
-        _stage_weights(0, w_ring, w_smem.index(0), GROUP, STAGES, BLOCK_N, w_l)
-        _cta_barrier()
-
-        acc = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, layout=mma_l)
-        # Two groups per iteration, two accumulators: wgmma(g + 1) runs while wgmma(g) is
-        # promoted and group g + 2's weights are decoded. No wgmma is in flight across the
-        # loop's back edge: carrying an in-flight accumulator through the loop makes the
-        # compiler copy its registers, which serializes every wgmma (ptxas C7514). An odd group
-        # count runs one group of zero scales at the end.
-        for g in range(0, KG, 2):
-            pa = _mma(g, w_smem.index(0), a_ring, STAGES, BLOCK_N, BLOCK_M, mma_l)
-            # wgmma(g - 1) finished in the previous iteration: its ring slot and buffer are free
-            _stage_weights(g + 1, w_ring, w_smem.index(1), GROUP, STAGES, BLOCK_N, w_l)
-            _issue_copy(g + STAGES - 1, a_ring, w_ring, a_rows, w_rows, a_rmask, w_nmask, KG,
-                        GROUP, STAGES)
-            _cta_barrier()
-            acc, pb = _overlap_step(g + 1, acc, pa, _scales(s_smem, g, mma_l), w_smem.index(1),
-                                    w_smem.index(0),
-                                    a_ring, w_ring, a_rows, w_rows, a_rmask, w_nmask, KG,
-                                    GROUP, STAGES, BLOCK_N, BLOCK_M, mma_l, w_l)
-            done = warpgroup_mma_wait(0, deps=(pb,))
-            acc += done * _scales(s_smem, g + 1, mma_l)[:, None]
-            _cta_barrier()   # wgmma(g + 1) finished in every warpgroup: its buffers are free
-        async_copy.wait_group(0)
-        _cta_barrier()   # the next tile's prologue overwrites the ring
-
-        if HAS_CHAN:
-            chan = gl.load(chan_ptr + e64 * N + (n0 + sn), mask=s_nmask, other=0.0)
-            acc = acc * chan[:, None]
-        out = gl.convert_layout(acc, out_l)
-        o_rmask = (m0 + om) < cnt
-        o_rows = row0 + m0 + om                                               # int64
-        a_sc = gl.load(a_scale_ptr + o_rows, mask=o_rmask, other=0.0)
-        out = (out * a_sc[None, :]).to(gl.bfloat16)
-        o_nmask = (n0 + on) < N
-        gl.store(out_ptr + o_rows[None, :] * N + (n0 + on).to(gl.int64)[:, None], out,
-                 mask=o_nmask[:, None] & o_rmask[None, :])
+        _cta_barrier()   # the table is written before any warp reads it
+        acc = _tile_k_loop(base, KG, KG2, a_desc, w_desc, a_ring, w_ring, ready, s_smem,
+                           (row0 + m0).to(gl.int32), e * N + n0, BLOCK_M, BLOCK_N, GROUP,
+                           STAGES, mma_l, dot_l)
+        base += KG2
+        _cta_barrier()   # every warp has read the table before the next tile rewrites it
+        _store_tile(acc, out_ptr, a_scale_ptr, chan_ptr, e64, n0, row0, m0, cnt, N, HAS_CHAN,
+                    BLOCK_M, BLOCK_N, mma_l, num_warps)

@@ -76,11 +76,10 @@ DECODE_TILE = GemmTile(block_m=16, block_n=64, num_warps=4, num_stages=3, progra
 WGMMA_KERNEL = "wgmma"
 GEMV_KERNEL = "gemv"
 WGMMA_FALLBACK = GEMM_TILES[-1][1]
-# The Gluon kernel's best measured tile (docs/perf.md, v9): 128 tokens x 128 weight rows, two
-# warpgroups, a 4-deep cp.async ring, one program per SM. Not in GEMM_TILES: on the H200 it is
-# slower than the Triton kernel at every M measured (7234 vs 6282 us at M = 8192), so it runs
-# only when asked for (tile= or GemmConstraints(kernel="wgmma", ...)).
-WGMMA_TILE = GemmTile(block_m=128, block_n=128, num_warps=8, num_stages=4, programs_per_sm=1,
+# The Gluon kernel's tile (v10: TMA ring, register-operand async wgmma): 64 tokens x 64 weight
+# rows, one warpgroup, a 6-deep ring, two programs per SM. Runs only when asked for (tile= or
+# GemmConstraints(kernel="wgmma", ...)) until a measurement puts it in GEMM_TILES.
+WGMMA_TILE = GemmTile(block_m=64, block_n=64, num_warps=4, num_stages=6, programs_per_sm=2,
                       kernel=WGMMA_KERNEL)
 
 

@@ -47,7 +47,8 @@ def grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scal
     if tile is None:
         tile = choose_tile(R, N, K, E, group_size, constraints=constraints)
     if tile.kernel == WGMMA_KERNEL:
-        if wrap is None and wgmma_supported(a.device) and _wgmma_fits(tile, K, group_size, w_scale):
+        if (wrap is None and wgmma_supported(a.device) and tma_loads_supported(a, w)
+                and _wgmma_fits(tile, K, group_size, w_scale)):
             return _launch_wgmma(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_size,
                                  tile, out)
         tile = WGMMA_FALLBACK
@@ -134,14 +135,24 @@ def _launch_wgmma(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_si
     E, N, _ = w.shape
     has_chan = w_chan_scale is not None
     global LAST_COMPILED
-    LAST_COMPILED = _gluon_kernel()[(grid_size(tile, R, N, E, a.device),)](
-        a, a_scale, w.view(torch.uint8), w_scale, w_chan_scale if has_chan else w_scale,
-        expert_offsets, out, R, N, K, E,
-        GROUP=group_size, HAS_CHAN=has_chan, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-        BLOCK_E=max(16, triton.next_power_of_2(E)), STAGES=tile.num_stages,
-        KG_PAD=_scale_table_rows(K, group_size), num_warps=tile.num_warps,
-    )
+    with device_scratch(a.device):   # its two tensor descriptors are built on the device
+        LAST_COMPILED = _gluon_kernel()[(grid_size(tile, R, N, E, a.device),)](
+            a, a_scale, w.view(torch.uint8), w_scale, w_chan_scale if has_chan else w_scale,
+            expert_offsets, out, R, N, K, E,
+            GROUP=group_size, HAS_CHAN=has_chan, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+            BLOCK_E=max(16, triton.next_power_of_2(E)), STAGES=tile.num_stages,
+            KG_PAD=_scale_table_rows(K, group_size), num_warps=tile.num_warps,
+            maxnreg=register_cap(tile),
+        )
     return out
+
+
+def register_cap(tile: GemmTile) -> int:
+    """Registers per thread that let tile.programs_per_sm programs share an SM's 64K (ptxas
+    allocates in steps of 8, at most 255): the Gluon kernel's ptxas build otherwise takes all
+    255 whatever the occupancy the grid assumes."""
+    per_thread = 65536 // (tile.programs_per_sm * tile.num_warps * 32)
+    return min(255, per_thread // 8 * 8)
 
 
 def _launch_gemv(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_size, tile, out,
