@@ -177,7 +177,7 @@ def test_wgmma_kernel_compiles_for_sm90(build):
 
     from inductor_w4a8.kernels.grouped_gemm_wgmma import w4a8_grouped_gemm_wgmma_kernel
     bm, bn, nw, stages, group, chan = build
-    sig = dict(a_ptr="*fp8e4nv", a_scale_ptr="*fp32", w_ptr="*u8",
+    sig = dict(a_ptr="*fp8e4nv", a_scale_ptr="*fp32", w_ptr="*i32",
                s_ptr="*fp8e4nv" if chan else "*bf16", chan_ptr="*fp32", off_ptr="*i64",
                out_ptr="*bf16", R="i32", N="i32", K="i32", E="i32")
     const = dict(GROUP=group, HAS_CHAN=chan, BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=256, STAGES=stages,

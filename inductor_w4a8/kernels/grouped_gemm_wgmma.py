@@ -19,13 +19,13 @@ register-fragment layout of the first operand and decoded there to exact e4m3 q 
 PRMT lookup, kernels/int4_decode.py): no shared-memory round trip for the decoded weights, and
 no CTA barrier between decode and MMA. K steps run in pairs (g, g + 1):
 
-    wgmma(g) on q(g), decoded in the previous pair      | tensor cores busy from here on
+    decode q(g); wgmma(g)                                | tensor cores busy from here on
     decode q(g + 1); wgmma(g + 1)                        |
     wait for wgmma(g); acc += p(g) * s(g); refill g's slot
-    decode q(g + 2) (carried into the next pair)
     wait for wgmma(g + 1); acc += p(g + 1) * s(g + 1); refill its slot
 
-so only the last promotion of a pair runs with the tensor cores idle. No wgmma is in flight
+so a pair's first decode and last promotion run with this program's tensor work idle (the
+other programs on the SM fill it). No wgmma is in flight
 across the loop's back edge: carrying an in-flight accumulator through a loop makes the compiler
 copy its registers, which serializes every wgmma (ptxas C7514). An odd group count runs one
 group past K at the end: the TMA engine fills it with zeros and its scale is zero.
@@ -40,7 +40,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
 
-from .int4_decode import S4X8_TO_FP8_CONSTRAINTS, S4X8_TO_FP8_PTX
+from .int4_decode import S4X4_TO_FP8_CONSTRAINTS, S4X4_TO_FP8_PTX
 
 # The Gluon API moved between triton 3.6 and 3.9 (the GPU machine / CI): one name each here.
 _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
@@ -95,19 +95,34 @@ def _add_combine(x, y):
     return x + y
 
 
+@gluon.constexpr_function
+def _words_layout(block_n, group, num_warps):
+    """Layout of the int32 layout-v3 words [block_n, group // 8] of a group: each thread holds
+    the words whose 8 weights its wgmma first-operand fragment holds (thread t = lane % 4 of a
+    row quad: word w = t of every 32-K chunk, rows r and r + 8), so the decode's rearrangement
+    into the fragment stays inside each thread."""
+    regs = [[8, 0]] + [[0, 4 << i] for i in range((group // 32).bit_length() - 1)]
+    rows = 16 * num_warps
+    regs += [[rows << i, 0] for i in range((block_n // rows).bit_length() - 1)]
+    warps = [[16 << i, 0] for i in range(num_warps.bit_length() - 1)]
+    return gl.DistributedLinearLayout(reg_bases=regs, lane_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]],
+                                      warp_bases=warps, block_bases=[], shape=[block_n, group // 8])
+
+
 @gluon.jit
-def _decode_fragment(wb, BLOCK_N: gl.constexpr, GROUP: gl.constexpr, dot_l: gl.constexpr):
-    """uint8 [BLOCK_N, GROUP // 2] layout-v3 bytes, held in the first-operand fragment layout
-    (each thread: whole words, 4 consecutive bytes) -> e4m3 q [BLOCK_N, GROUP] in that layout.
-    A thread's word (chunk j, word w) holds K = 32 j + 4 w + i (nibbles 0..3) and
-    32 j + 16 + 4 w + i (nibbles 4..7): exactly the K its two fragment registers of chunk j want,
-    so the join / reshape / permute only rename registers."""
-    lo, hi = gl.inline_asm_elementwise(asm=S4X8_TO_FP8_PTX, constraints=S4X8_TO_FP8_CONSTRAINTS,
-                                       args=[wb], dtype=(gl.float8e4nv, gl.float8e4nv),
-                                       is_pure=True, pack=4)
-    q = gl.join(lo, hi).reshape(BLOCK_N, GROUP // 32, 4, 4, 2)     # [n, j, w, i, h]
-    q = gl.permute(q, (0, 1, 4, 2, 3)).reshape(BLOCK_N, GROUP)     # k = 32 j + 16 h + 4 w + i
-    return gl.convert_layout(q, dot_l)
+def _decode_fragment(words, BLOCK_N: gl.constexpr, GROUP: gl.constexpr, dot_l: gl.constexpr):
+    """int32 layout-v3 words [BLOCK_N, GROUP // 8] -> e4m3 q [BLOCK_N, GROUP] in the wgmma
+    first-operand layout. Word w of chunk j holds K = 32 j + 4 w + i (nibbles 0..3) and
+    32 j + 16 + 4 w + i (nibbles 4..7): the word, and the word shifted right by 16, each repeated
+    for the 4 bytes i it becomes, are put at those K (int32 values: register renames only), then
+    one 4-byte lookup per copy set (int4_decode.S4X4_TO_FP8_PTX)."""
+    x = gl.join(words, words >> 16)                              # [n, 4 j + w, h]
+    x = gl.join(x, x)
+    x = gl.join(x, x).reshape(BLOCK_N, GROUP // 32, 4, 2, 4)     # [n, j, w, h, i]
+    x = gl.permute(x, (0, 1, 3, 2, 4)).reshape(BLOCK_N, GROUP)   # k = 32 j + 16 h + 4 w + i
+    x = gl.convert_layout(x, dot_l)
+    return gl.inline_asm_elementwise(asm=S4X4_TO_FP8_PTX, constraints=S4X4_TO_FP8_CONSTRAINTS,
+                                     args=[x], dtype=gl.float8e4nv, is_pure=True, pack=4)
 
 
 @gluon.jit
@@ -132,16 +147,17 @@ def _issue_loads(grp, base, a_desc, w_desc, a_ring, w_ring, ready, a_row, w_row,
     bar = ready.index(slot)
     mbarrier.expect(bar, a_desc.block_type.nbytes + w_desc.block_type.nbytes, pred=pred)
     _tma_load(a_desc, [a_row, grp * GROUP], bar, a_ring.index(slot), pred=pred)
-    _tma_load(w_desc, [w_row, grp * (GROUP // 2)], bar, w_ring.index(slot), pred=pred)
+    _tma_load(w_desc, [w_row, grp * (GROUP // 8)], bar, w_ring.index(slot), pred=pred)
 
 
 @gluon.jit
 def _fragment(grp, base, w_ring, ready, BLOCK_N: gl.constexpr, GROUP: gl.constexpr,
-              STAGES: gl.constexpr, dot_l: gl.constexpr):
+              STAGES: gl.constexpr, dot_l: gl.constexpr, num_warps: gl.constexpr):
     """Wait for group grp's tiles; its weights decoded to e4m3 in the first-operand layout."""
     slot = (base + grp) % STAGES
     mbarrier.wait(ready.index(slot), ((base + grp) // STAGES) & 1)
-    return _decode_fragment(w_ring.index(slot).load(dot_l), BLOCK_N, GROUP, dot_l)
+    words = w_ring.index(slot).load(_words_layout(BLOCK_N, GROUP, num_warps))
+    return _decode_fragment(words, BLOCK_N, GROUP, dot_l)
 
 
 @gluon.jit
@@ -161,7 +177,8 @@ def _scales(s_smem, grp, mma_l: gl.constexpr):
 @gluon.jit
 def _tile_k_loop(base, KG, KG2, a_desc, w_desc, a_ring, w_ring, ready, s_smem, a_row, w_row,
                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP: gl.constexpr,
-                 STAGES: gl.constexpr, mma_l: gl.constexpr, dot_l: gl.constexpr):
+                 STAGES: gl.constexpr, mma_l: gl.constexpr, dot_l: gl.constexpr,
+                 num_warps: gl.constexpr):
     """acc [BLOCK_N, BLOCK_M] of one tile over KG2 (KG rounded up to even) groups; ring
     slots base .. base + KG2 - 1 (mod STAGES). Pairs of groups as the module docstring says;
     group j's tiles are requested once wgmma(j - STAGES) has finished in every warp, so
@@ -169,19 +186,19 @@ def _tile_k_loop(base, KG, KG2, a_desc, w_desc, a_ring, w_ring, ready, s_smem, a
     for st in gl.static_range(STAGES):
         _issue_loads(st, base, a_desc, w_desc, a_ring, w_ring, ready, a_row, w_row, GROUP,
                      STAGES, st < KG2)
-    wq0 = _fragment(0, base, w_ring, ready, BLOCK_N, GROUP, STAGES, dot_l)
     acc = gl.zeros((BLOCK_N, BLOCK_M), gl.float32, layout=mma_l)
     for g in range(0, KG2, 2):
+        # the decoded weights are not carried across the back edge: a loop-carried fp8 tensor
+        # is unpacked into bytes and packed again at the edge (~64 PRMT per group)
+        wq0 = _fragment(g, base, w_ring, ready, BLOCK_N, GROUP, STAGES, dot_l, num_warps)
         p0 = _mma(g, base, wq0, a_ring, STAGES, BLOCK_N, BLOCK_M, mma_l)
-        wq1 = _fragment(g + 1, base, w_ring, ready, BLOCK_N, GROUP, STAGES, dot_l)
+        wq1 = _fragment(g + 1, base, w_ring, ready, BLOCK_N, GROUP, STAGES, dot_l, num_warps)
         p1 = _mma(g + 1, base, wq1, a_ring, STAGES, BLOCK_N, BLOCK_M, mma_l)
         d0 = warpgroup_mma_wait(1, deps=(p0,))
         acc += d0 * _scales(s_smem, g, mma_l)[:, None]
         _cta_barrier()   # every warp is past wgmma(g): its slot may be refilled
         _issue_loads(g + STAGES, base, a_desc, w_desc, a_ring, w_ring, ready, a_row, w_row,
                      GROUP, STAGES, g + STAGES < KG2)
-        if g + 2 < KG2:
-            wq0 = _fragment(g + 2, base, w_ring, ready, BLOCK_N, GROUP, STAGES, dot_l)
         d1 = warpgroup_mma_wait(0, deps=(p1,))
         acc += d1 * _scales(s_smem, g + 1, mma_l)[:, None]
         _cta_barrier()
@@ -219,7 +236,7 @@ def w4a8_grouped_gemm_wgmma_kernel(
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_E: gl.constexpr, STAGES: gl.constexpr,
     KG_PAD: gl.constexpr, num_warps: gl.constexpr,
 ):
-    """Arguments as w4a8_grouped_gemm_kernel's (w: uint8 view of layout v3; a and w 16-byte
+    """Arguments as w4a8_grouped_gemm_kernel's, but w: the int32 layout-v3 words; a and w 16-byte
     aligned). STAGES >= 3; KG_PAD: a power of two > K // GROUP (the scale table's rows, one
     spare for the odd count's zero group). BLOCK_N: a multiple of 16 * num_warps."""
     gl.static_assert(STAGES >= 3, "a pair of groups and the next pair's first in the ring")
@@ -248,17 +265,17 @@ def w4a8_grouped_gemm_wgmma_kernel(
     n_tiles = gl.cdiv(N, BLOCK_N)
     total = total_m * n_tiles
 
-    KH = K // 2
     KG = K // GROUP
     KG2 = KG + KG % 2
     a_sl: gl.constexpr = _tma_smem_layout(GROUP)
-    w_sl: gl.constexpr = _tma_smem_layout(GROUP // 2)
+    w_sl: gl.constexpr = gl.NVMMASharedLayout(
+        swizzle_byte_width=min(128, GROUP // 2) if GROUP >= 64 else 0, element_bitwidth=32, rank=2)
     a_desc = tma.make_tensor_descriptor(a_ptr, shape=[R, K], strides=[K, 1],
                                         block_shape=[BLOCK_M, GROUP], layout=a_sl)
-    w_desc = tma.make_tensor_descriptor(w_ptr, shape=[E * N, KH], strides=[KH, 1],
-                                        block_shape=[BLOCK_N, GROUP // 2], layout=w_sl)
+    w_desc = tma.make_tensor_descriptor(w_ptr, shape=[E * N, K // 8], strides=[K // 8, 1],
+                                        block_shape=[BLOCK_N, GROUP // 8], layout=w_sl)
     a_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_M, GROUP], a_sl)
-    w_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, GROUP // 2], w_sl)
+    w_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, GROUP // 8], w_sl)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for st in gl.static_range(STAGES):
         mbarrier.init(ready.index(st), count=1)
@@ -288,7 +305,7 @@ def w4a8_grouped_gemm_wgmma_kernel(
         _cta_barrier()   # the table is written before any warp reads it
         acc = _tile_k_loop(base, KG, KG2, a_desc, w_desc, a_ring, w_ring, ready, s_smem,
                            (row0 + m0).to(gl.int32), e * N + n0, BLOCK_M, BLOCK_N, GROUP,
-                           STAGES, mma_l, dot_l)
+                           STAGES, mma_l, dot_l, num_warps)
         base += KG2
         _cta_barrier()   # every warp has read the table before the next tile rewrites it
         _store_tile(acc, out_ptr, a_scale_ptr, chan_ptr, e64, n0, row0, m0, cnt, N, HAS_CHAN,

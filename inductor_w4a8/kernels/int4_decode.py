@@ -37,6 +37,25 @@ S4X8_TO_FP8_PTX = tl.constexpr(" ".join((
 )))
 S4X8_TO_FP8_CONSTRAINTS = tl.constexpr("=r,=r,r")
 
+# The low half of the same lookup: nibbles 0..3 of a word -> 4 e4m3 in one register (the high
+# 16 bits are ignored, so nibbles 4..7 are converted by passing the word shifted right by 16).
+# The Gluon kernel's decode (kernels/grouped_gemm_wgmma.py) calls it on int32 words, each
+# repeated once per output byte (pack 4: four copies of one word in, four fp8 out): an int32
+# tensor can be put in the wgmma fragment order by renaming registers alone, where the two
+# outputs of S4X8_TO_FP8_PTX, joined byte by byte, need PRMT shuffles.
+S4X4_TO_FP8_PTX = tl.constexpr(" ".join((
+    "{",
+    ".reg .b32 idx, s, p, n;",
+    "and.b32 idx, $1, 0x7777;",
+    "shr.u32 s, $1, 1;",
+    "lop3.b32 s, s, 0x4444, 0x3210, 0xEA;",
+    "prmt.b32 p, 0x44403800, 0x4E4C4A48, idx;",
+    "prmt.b32 n, 0xCACCCED0, 0xB8C0C4C8, idx;",
+    "prmt.b32 $0, p, n, s;",
+    "}",
+)))
+S4X4_TO_FP8_CONSTRAINTS = tl.constexpr("=r,r,r,r,r")
+
 
 @triton.jit
 def s4x8_to_fp8(b):

@@ -137,7 +137,7 @@ def _launch_wgmma(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_si
     global LAST_COMPILED
     with device_scratch(a.device):   # its two tensor descriptors are built on the device
         LAST_COMPILED = _gluon_kernel()[(grid_size(tile, R, N, E, a.device),)](
-            a, a_scale, w.view(torch.uint8), w_scale, w_chan_scale if has_chan else w_scale,
+            a, a_scale, w, w_scale, w_chan_scale if has_chan else w_scale,
             expert_offsets, out, R, N, K, E,
             GROUP=group_size, HAS_CHAN=has_chan, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
             BLOCK_E=max(16, triton.next_power_of_2(E)), STAGES=tile.num_stages,
