@@ -15,6 +15,99 @@ REGISTERS_PER_SM = 65536          # sm_90
 REGISTER_ALLOCATION_UNIT = 256    # registers are allocated per warp in units of 256
 
 
+def test_eager_launches_get_the_gluon_tile_for_many_rows_per_expert():
+    """allow_gluon (eager launches): WGMMA_TILE above WGMMA_ROWS expected rows per expert, the
+    table below and at the boundary; traced launches (the default) keep the table everywhere."""
+    E = 160
+    many = (gemm_tiles.WGMMA_ROWS + 1) * E * 2
+    assert choose_tile(many, 3072, 5120, E, 128, allow_gluon=True) == gemm_tiles.WGMMA_TILE
+    assert choose_tile(many, 3072, 5120, E, 128) == GEMM_TILES[-1][1]
+    for R in (1, 17, 512, 8192, 4096 * 8):
+        assert choose_tile(R, 3072, 5120, E, 128, allow_gluon=True) == choose_tile(R, 3072, 5120, E, 128)
+    assert gemm_tiles.WGMMA_FALLBACK.kernel == "triton"
+
+
+@pytest.mark.parametrize("tile, cap", [
+    (gemm_tiles.GemmTile(64, 64, 4, 4, 3, kernel="wgmma"), 168),    # 65536 / (3 * 128) = 170
+    (gemm_tiles.GemmTile(64, 64, 4, 4, 2, kernel="wgmma"), 255),    # 256 allowed, 255 the most
+    (gemm_tiles.WGMMA_TILE, 255),
+    (gemm_tiles.GemmTile(64, 64, 8, 4, 4, kernel="wgmma"), 64)])
+def test_register_cap_lets_programs_per_sm_programs_fit(tile, cap):
+    from inductor_w4a8.launch.grouped_gemm import register_cap
+    assert register_cap(tile) == cap
+    assert cap * 32 * tile.num_warps * tile.programs_per_sm <= REGISTERS_PER_SM
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter does not compile")
+@pytest.mark.parametrize("scale_dtype", ["*fp8e4nv", "*bf16"])
+def test_gluon_tile_fits_its_programs_per_sm_without_spills(scale_dtype):
+    """WGMMA_TILE built for sm_90 as the launcher builds it (maxnreg = register_cap): no local
+    memory (a spill in the K loop would cost more than the overlap gains) and shared memory for
+    programs_per_sm programs (228 KB per SM, 1 KB of it reserved per program)."""
+    triton = pytest.importorskip("triton")
+    pytest.importorskip("triton.experimental.gluon")
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from inductor_w4a8.kernels.grouped_gemm_wgmma import w4a8_grouped_gemm_wgmma_kernel
+    from inductor_w4a8.launch.grouped_gemm import register_cap
+    tile = gemm_tiles.WGMMA_TILE
+    sig = dict(a_ptr="*fp8e4nv", a_scale_ptr="*fp32", w_ptr="*i32", s_ptr=scale_dtype,
+               chan_ptr="*fp32", off_ptr="*i64", out_ptr="*bf16", R="i32", N="i32", K="i32", E="i32")
+    const = dict(GROUP=128, HAS_CHAN=scale_dtype == "*fp8e4nv", BLOCK_M=tile.block_m,
+                 BLOCK_N=tile.block_n, BLOCK_E=256, STAGES=tile.num_stages, KG_PAD=64,
+                 num_warps=tile.num_warps)
+    sig.update({c: "constexpr" for c in const})
+    attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 9)}
+    try:
+        compiled = triton.compile(GluonASTSource(fn=w4a8_grouped_gemm_wgmma_kernel, signature=sig,
+                                                 constexprs=const, attrs=attrs),
+                                  target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=tile.num_warps, maxnreg=register_cap(tile)))
+    except RuntimeError as e:  # no ptxas in this triton install: nothing to check here
+        if "ptxas" in str(e).lower():
+            pytest.skip(f"triton cannot assemble for sm_90 here: {e}")
+        raise
+    usage = _resource_usage(compiled.asm["cubin"])
+    assert int(re.search(r"REG:(\d+)", usage).group(1)) <= register_cap(tile), usage
+    loop = _k_loop_sass(compiled.asm["cubin"])
+    assert sum("GMMA" in op for op in loop) == 8, loop          # a pair of groups, 4 K slices each
+    assert not [op for op in loop if op.startswith(("LDL", "STL"))], usage
+    assert (compiled.metadata.shared + 1024) * tile.programs_per_sm <= 228 * 1024
+
+
+def _k_loop_sass(cubin: bytes) -> list[str]:
+    """Opcodes of the innermost loop holding wgmmas: the shortest backward branch's body."""
+    lines = re.findall(r"/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);",
+                       _cuobjdump(cubin, "-sass"))
+    addr = {int(a, 16): i for i, (a, _, _) in enumerate(lines)}
+    best = None
+    for i, (a, op, rest) in enumerate(lines):
+        m = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        target = int(m.group(1), 16) if m else None
+        if target is not None and target < int(a, 16) and target in addr:
+            body = [o for _, o, _ in lines[addr[target]:i + 1]]
+            if any("GMMA" in o for o in body) and (best is None or len(body) < len(best)):
+                best = body
+    assert best, "no loop with wgmmas in the SASS"
+    return best
+
+
+def _resource_usage(cubin: bytes) -> str:
+    return _cuobjdump(cubin, "-res-usage")
+
+
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    import triton
+    tools = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump"))
+    if not tools:
+        pytest.skip("this triton ships no cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([tools[0], flag, f.name], capture_output=True, text=True).stdout
+
+
 def test_decode_rows_get_the_decode_tile_and_more_rows_the_table():
     for R in range(0, DECODE_ROWS + 1):     # R = 0 as the traced conds choose (R <= 16 first)
         assert choose_tile(R, 3072, 5120, 160, 128) == DECODE_TILE
@@ -58,14 +151,7 @@ def _sm90_registers(tile, scale_dtype="*fp8e4nv", tma_loads=None) -> int:
     """Registers per thread of `_sm90_build` (cuobjdump)."""
     import triton
     compiled = _sm90_build(tile, scale_dtype, tma_loads)
-    tools = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump"))
-    if not tools:
-        pytest.skip("this triton ships no cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([tools[0], "-res-usage", f.name], capture_output=True, text=True).stdout
-    return int(re.search(r"REG:(\d+)", usage).group(1))
+    return int(re.search(r"REG:(\d+)", _resource_usage(compiled.asm["cubin"])).group(1))
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter does not compile")

@@ -525,8 +525,8 @@ def test_cuda_glm46_8192_tokens(N, K, kernel, seed):
 # ------------------------------------------------------------------------------------------
 def _wgmma_tiles():
     from inductor_w4a8.launch.gemm_tiles import WGMMA_TILE, GemmTile
-    return [WGMMA_TILE, GemmTile(128, 64, 4, 4, 2, kernel="wgmma"),
-            GemmTile(64, 128, 8, 6, 1, kernel="wgmma"), GemmTile(64, 64, 4, 3, 3, kernel="wgmma")]
+    return [WGMMA_TILE, GemmTile(64, 64, 4, 6, 2, kernel="wgmma"),
+            GemmTile(128, 64, 4, 4, 2, kernel="wgmma"), GemmTile(64, 64, 4, 3, 3, kernel="wgmma")]
 
 
 def _need_wgmma():
@@ -562,6 +562,22 @@ def test_cuda_wgmma_tiles_and_group_counts(G, groups, seed):
     for tile in _wgmma_tiles():
         out = launch(*args, tile=tile, out=poisoned_out(args))
         assert rel_error(out, ref) <= TOL_GPU, tile
+
+
+@pytest.mark.cuda
+def test_cuda_wgmma_equals_the_triton_kernel_bitwise(seed):
+    """Eager launches take the Gluon tile at many rows per expert, torch.compile the Triton
+    kernel: both do the same wgmma chain per group and the same fp32 promotion in the same
+    order, so their outputs are the same bits (compiled == eager)."""
+    _need_wgmma()
+    from inductor_w4a8.launch.gemm_tiles import WGMMA_FALLBACK, WGMMA_TILE
+    from inductor_w4a8.launch.grouped_gemm import grouped_gemm as launch
+    gen = torch.Generator().manual_seed(seed)
+    for mode in ("fp8", "exact"):
+        args = make_case(6000, 12, 640, 1280, 128, empty=2, mode=mode, device="cuda", gen=gen)
+        gluon = launch(*args, tile=WGMMA_TILE, out=poisoned_out(args))
+        triton_out = launch(*args, tile=WGMMA_FALLBACK, out=poisoned_out(args))
+        assert torch.equal(gluon.view(torch.int16), triton_out.view(torch.int16)), mode
 
 
 @pytest.mark.cuda

@@ -76,11 +76,14 @@ DECODE_TILE = GemmTile(block_m=16, block_n=64, num_warps=4, num_stages=3, progra
 WGMMA_KERNEL = "wgmma"
 GEMV_KERNEL = "gemv"
 WGMMA_FALLBACK = GEMM_TILES[-1][1]
-# The Gluon kernel's tile (v10: TMA ring, register-operand async wgmma): 64 tokens x 64 weight
-# rows, one warpgroup, a 6-deep ring, two programs per SM. Runs only when asked for (tile= or
-# GemmConstraints(kernel="wgmma", ...)) until a measurement puts it in GEMM_TILES.
-WGMMA_TILE = GemmTile(block_m=64, block_n=64, num_warps=4, num_stages=6, programs_per_sm=2,
+# The Gluon kernel's tile (v10: TMA ring, register-operand async wgmma): 128 tokens x 128 weight
+# rows, two warpgroups, a 4-deep ring, one program per SM. Eager launches take it from
+# WGMMA_ROWS rows per expert on (choose_tile(allow_gluon=True)): on the H200 it measured 7% faster
+# than the table's last row at 8192 tokens and level at 4096 (docs/perf.md, session 9). Traced
+# launches (torch.compile) cannot run Gluon and keep GEMM_TILES.
+WGMMA_TILE = GemmTile(block_m=128, block_n=128, num_warps=8, num_stages=4, programs_per_sm=1,
                       kernel=WGMMA_KERNEL)
+WGMMA_ROWS = 256
 
 
 def expected_rows_per_expert(R: int, E: int) -> float:
@@ -116,14 +119,18 @@ class GemmConstraints:
 
 
 def choose_tile(R: int, N: int, K: int, E: int, group_size: int, *,
-                constraints: GemmConstraints | None = None) -> GemmTile:
+                constraints: GemmConstraints | None = None, allow_gluon: bool = False) -> GemmTile:
     """The tile for a problem, from shapes only: DECODE_TILE for at most DECODE_ROWS rows, else
-    the table's row for the expected rows per expert; then the fields `constraints` fixes."""
+    the table's row for the expected rows per expert (WGMMA_TILE above WGMMA_ROWS rows when
+    allow_gluon: eager launches); then the fields `constraints` fixes."""
     if R <= DECODE_ROWS:   # R = 0 too, as the traced conds (R <= 16 first) choose
         tile = DECODE_TILE
     else:
         rows = expected_rows_per_expert(R, E)
-        tile = next((t for bound, t in GEMM_TILES if rows <= bound), GEMM_TILES[-1][1])
+        if allow_gluon and rows > WGMMA_ROWS:
+            tile = WGMMA_TILE
+        else:
+            tile = next((t for bound, t in GEMM_TILES if rows <= bound), GEMM_TILES[-1][1])
     return constraints.apply(tile) if constraints is not None else tile
 
 

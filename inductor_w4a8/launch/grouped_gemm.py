@@ -45,7 +45,8 @@ def grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scal
     if R == 0 or N == 0:
         return out
     if tile is None:
-        tile = choose_tile(R, N, K, E, group_size, constraints=constraints)
+        tile = choose_tile(R, N, K, E, group_size, constraints=constraints,
+                           allow_gluon=wrap is None)
     if tile.kernel == WGMMA_KERNEL:
         if (wrap is None and wgmma_supported(a.device) and tma_loads_supported(a, w)
                 and _wgmma_fits(tile, K, group_size, w_scale)):
