@@ -27,8 +27,8 @@ from inductor_w4a8.testing import GEMM_TOL_GPU, rel_error  # noqa: E402
 CANDIDATES = {
     "wgmma_tile": WGMMA_TILE,                                   # 128 x 128, 8 warps, 4 stages
     "w128x128s5": GemmTile(128, 128, 8, 5, 1, kernel="wgmma"),
-    "w64x128s4": GemmTile(64, 128, 8, 4, 1, kernel="wgmma"),
-    "w64x64s4p2": GemmTile(64, 64, 4, 4, 2, kernel="wgmma"),
+    "w64x64s6p2": GemmTile(64, 64, 4, 6, 2, kernel="wgmma"),
+    "w128x64s4p2": GemmTile(128, 64, 4, 4, 2, kernel="wgmma"),
 }
 CASES = [  # R, E, N, K, G, empty, mode
     (1, 1, 200, 384, 128, 0, "fp8"), (511, 7, 72, 352, 32, 2, "exact"),

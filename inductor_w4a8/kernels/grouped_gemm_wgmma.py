@@ -12,7 +12,7 @@ that result feeds anything but the next dot's accumulator, so the promotion seri
 math; here the waits are written by hand.
 
 One program = one out^T tile [BLOCK_N weight rows, BLOCK_M tokens] (one warpgroup per 64
-weight rows). The activations [BLOCK_M, G] and the int4 weights [BLOCK_N, G / 2] of each group
+weight rows). The activations [BLOCK_M, G] and the int32 weight words [BLOCK_N, G / 8] of each group
 (one K step = one quantization group) stream through a STAGES-deep ring filled by the TMA engine
 (one mbarrier per slot). A group's weights are read from the ring straight into the wgmma
 register-fragment layout of the first operand and decoded there to exact e4m3 q (layout v3's
