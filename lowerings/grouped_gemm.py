@@ -11,8 +11,9 @@ Tile choice under dynamic shapes: the launcher picks a tile from the row count R
 would guard and recompile at every tile boundary. Instead the tile regimes (R ranges with one
 tile each, found by evaluating `choose_tile` itself) become nested conds (the `torch.cond`
 higher-order op) on R, which Inductor turns into host-side `if` on the size symbol in the
-wrapper: one compiled graph for every token count, the same tile as eager at every R, one
-kernel launch per GEMM.
+wrapper: one compiled graph for every token count, the same Triton tile as eager at every R
+(eager runs the Gluon kernel above gemm_tiles.WGMMA_ROWS rows per expert, bit for bit the same
+output; traced launches take @triton.jit kernels only), one kernel launch per GEMM.
 
 Under max-autotune each regime's kernel is a triton.autotune over num_warps / num_stages around
 the regime's tile, which Inductor benchmarks like any user-defined autotuned Triton kernel.

@@ -19,12 +19,23 @@ def test_eager_launches_get_the_gluon_tile_for_many_rows_per_expert():
     """allow_gluon (eager launches): WGMMA_TILE above WGMMA_ROWS expected rows per expert, the
     table below and at the boundary; traced launches (the default) keep the table everywhere."""
     E = 160
-    many = (gemm_tiles.WGMMA_ROWS + 1) * E * 2
-    assert choose_tile(many, 3072, 5120, E, 128, allow_gluon=True) == gemm_tiles.WGMMA_TILE
-    assert choose_tile(many, 3072, 5120, E, 128) == GEMM_TILES[-1][1]
-    for R in (1, 17, 512, 8192, 4096 * 8):
+    boundary = gemm_tiles.WGMMA_ROWS * E            # exactly WGMMA_ROWS rows per expert
+    assert choose_tile(boundary + 1, 3072, 5120, E, 128, allow_gluon=True) == gemm_tiles.WGMMA_TILE
+    assert choose_tile(boundary + 1, 3072, 5120, E, 128) == GEMM_TILES[-1][1]
+    for R in (1, 17, 512, 8192, 4096 * 8, boundary):
         assert choose_tile(R, 3072, 5120, E, 128, allow_gluon=True) == choose_tile(R, 3072, 5120, E, 128)
     assert gemm_tiles.WGMMA_FALLBACK.kernel == "triton"
+
+
+def test_traced_regimes_never_get_the_gluon_tile():
+    """torch.compile's tile regimes come from choose_tile's default (allow_gluon=False): every
+    regime is a Triton (or decode) tile, up to the largest R."""
+    torch = pytest.importorskip("torch")
+    gemm_lowering = pytest.importorskip("inductor_w4a8.lowerings.grouped_gemm")
+    a = torch.empty(0, 5120, device="meta")
+    w = torch.empty(160, 3072, 640, dtype=torch.int32, device="meta")
+    regimes = gemm_lowering.tile_regimes(gemm_lowering._default_choose(a, w, 128))
+    assert regimes and all(tile.kernel == "triton" for _, tile in regimes), regimes
 
 
 @pytest.mark.parametrize("tile, cap", [

@@ -154,7 +154,8 @@ def test_bad_gemv_tile_refused_before_launch(fields, extra, message, seed):
 
 
 def test_table_keeps_the_triton_kernel():
-    """No row of the table picks the Gluon kernel: it measured slower at every M (docs/perf.md)."""
+    """No row of the table picks the Gluon kernel: the table is what traced launches (and the
+    fallback) run; eager launches get WGMMA_TILE from choose_tile(allow_gluon=True) instead."""
     from inductor_w4a8.launch.gemm_tiles import GEMM_TILES, WGMMA_FALLBACK
     assert all(t.kernel == "triton" for _, t in GEMM_TILES) and WGMMA_FALLBACK.kernel == "triton"
 
@@ -256,6 +257,7 @@ else:
         for mode in ("fp8", "exact"):
             args = make_case(90, 5, 72, 256, 128, empty=1, mode=mode)
             out = launch(*args, tile=WGMMA_TILE, out=poisoned_out(args))
+            assert gg.LAST_KERNEL == "triton"
             assert rel_error(out, ref_of(args)) <= TOL_INTERP
 
     def test_interp_garbage_offsets_memory_safe(seed):
@@ -529,6 +531,12 @@ def _wgmma_tiles():
             GemmTile(128, 64, 4, 4, 2, kernel="wgmma"), GemmTile(64, 64, 4, 3, 3, kernel="wgmma")]
 
 
+def _ran_gluon() -> bool:
+    """The last launch ran the Gluon kernel (not the launcher's silent Triton fallback)."""
+    from inductor_w4a8.launch import grouped_gemm as gg
+    return gg.LAST_KERNEL == "wgmma"
+
+
 def _need_wgmma():
     from inductor_w4a8.launch.grouped_gemm import wgmma_supported
     if not wgmma_supported(torch.device("cuda")):
@@ -547,6 +555,7 @@ def test_cuda_wgmma_vs_reference(R, E, seed):
     for mode in ("fp8", "exact"):
         args = make_case(R, E, N, K, G, empty=E // 3, mode=mode, device="cuda", gen=gen)
         out = launch(*args, tile=WGMMA_TILE, out=poisoned_out(args))
+        assert _ran_gluon()
         err = rel_error(out, ref_of(args))
         assert err <= TOL_GPU, (mode, err)
 
@@ -561,6 +570,7 @@ def test_cuda_wgmma_tiles_and_group_counts(G, groups, seed):
     ref = ref_of(args)
     for tile in _wgmma_tiles():
         out = launch(*args, tile=tile, out=poisoned_out(args))
+        assert _ran_gluon(), tile
         assert rel_error(out, ref) <= TOL_GPU, tile
 
 
@@ -576,6 +586,7 @@ def test_cuda_wgmma_equals_the_triton_kernel_bitwise(seed):
     for mode in ("fp8", "exact"):
         args = make_case(6000, 12, 640, 1280, 128, empty=2, mode=mode, device="cuda", gen=gen)
         gluon = launch(*args, tile=WGMMA_TILE, out=poisoned_out(args))
+        assert _ran_gluon()
         triton_out = launch(*args, tile=WGMMA_FALLBACK, out=poisoned_out(args))
         assert torch.equal(gluon.view(torch.int16), triton_out.view(torch.int16)), mode
 

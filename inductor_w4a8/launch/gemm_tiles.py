@@ -77,8 +77,8 @@ WGMMA_KERNEL = "wgmma"
 GEMV_KERNEL = "gemv"
 WGMMA_FALLBACK = GEMM_TILES[-1][1]
 # The Gluon kernel's tile (v10: TMA ring, register-operand async wgmma): 128 tokens x 128 weight
-# rows, two warpgroups, a 4-deep ring, one program per SM. Eager launches take it from
-# WGMMA_ROWS rows per expert on (choose_tile(allow_gluon=True)): on the H200 it measured 7% faster
+# rows, two warpgroups, a 4-deep ring, one program per SM. Eager launches take it above
+# WGMMA_ROWS rows per expert (choose_tile(allow_gluon=True)): on the H200 it measured 7% faster
 # than the table's last row at 8192 tokens and level at 4096 (docs/perf.md, session 9). Traced
 # launches (torch.compile) cannot run Gluon and keep GEMM_TILES.
 WGMMA_TILE = GemmTile(block_m=128, block_n=128, num_warps=8, num_stages=4, programs_per_sm=1,

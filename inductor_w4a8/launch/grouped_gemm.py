@@ -20,6 +20,7 @@ from .gemm_tiles import (GEMV_KERNEL, WGMMA_FALLBACK, WGMMA_KERNEL, GemmConstrai
 
 LAST_COMPILED = None  # the last compiled kernel (for SASS / register inspection in tuning)
 LAST_LOADS = None     # how the last Triton-kernel launch fetched its tiles: "tma" or "copies"
+LAST_KERNEL = None    # which kernel the last launch ran: "triton", "wgmma" (Gluon) or "gemv"
 
 
 def grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
@@ -45,14 +46,18 @@ def grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scal
     if R == 0 or N == 0:
         return out
     if tile is None:
+        # the Gluon tile only where nothing is fixed: constraints name fields of the table's tiles
         tile = choose_tile(R, N, K, E, group_size, constraints=constraints,
-                           allow_gluon=wrap is None)
+                           allow_gluon=wrap is None and constraints is None)
+    global LAST_KERNEL
     if tile.kernel == WGMMA_KERNEL:
         if (wrap is None and wgmma_supported(a.device) and tma_loads_supported(a, w)
                 and _wgmma_fits(tile, K, group_size, w_scale)):
+            LAST_KERNEL = WGMMA_KERNEL
             return _launch_wgmma(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_size,
                                  tile, out)
         tile = WGMMA_FALLBACK
+    LAST_KERNEL = tile.kernel
     if use_asm is None:
         use_asm = a.device.type == "cuda" and not interpreting()
     if tile.kernel == GEMV_KERNEL:
@@ -127,8 +132,11 @@ def _scale_table_rows(K: int, group_size: int) -> int:
 
 
 def _wgmma_fits(tile: GemmTile, K: int, group_size: int, w_scale: torch.Tensor) -> bool:
+    """Whether the Gluon kernel builds for this tile and problem: a 3+ deep ring, whole 64-row
+    wgmmas per warpgroup, its scale table within WGMMA_MAX_SCALE_TABLE_BYTES."""
     table = _scale_table_rows(K, group_size) * tile.block_n * w_scale.element_size()
-    return tile.num_stages >= 3 and table <= WGMMA_MAX_SCALE_TABLE_BYTES
+    return (tile.num_stages >= 3 and tile.block_n % (16 * tile.num_warps) == 0
+            and table <= WGMMA_MAX_SCALE_TABLE_BYTES)
 
 
 def _launch_wgmma(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_size, tile, out):
