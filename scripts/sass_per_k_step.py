@@ -25,9 +25,9 @@ def print_k_loop(label, cubin, steps):
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin); path = f.name
     sass = subprocess.run([cuobj, "-sass", path], capture_output=True, text=True).stdout
-    lines = [l for l in sass.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/", l)]
+    lines = [l for l in sass.splitlines() if re.search(r"/\*[0-9a-f]{4,6}\*/", l)]
     ops = [re.sub(r"^\s*/\*[0-9a-f]+\*/\s*(@!?U?P\w+\s+)?", "", l).split()[0].rstrip(";") for l in lines]
-    addr = [int(re.search(r"/\*([0-9a-f]{4})\*/", l).group(1), 16) for l in lines]
+    addr = [int(re.search(r"/\*([0-9a-f]{4,6})\*/", l).group(1), 16) for l in lines]
     q = [i for i, o in enumerate(ops) if o.startswith("QGMMA") or o.startswith("HGMMA")]
     # the K loop: the shortest backward branch whose body holds the QGMMAs
     ru = subprocess.run([cuobj, "-res-usage", path], capture_output=True, text=True).stdout

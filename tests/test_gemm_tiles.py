@@ -89,7 +89,7 @@ def test_gluon_tile_fits_its_programs_per_sm_without_spills(scale_dtype):
 
 def _k_loop_sass(cubin: bytes) -> list[str]:
     """Opcodes of the innermost loop holding wgmmas: the shortest backward branch's body."""
-    lines = re.findall(r"/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);",
+    lines = re.findall(r"/\*([0-9a-f]{4,6})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);",
                        _cuobjdump(cubin, "-sass"))
     addr = {int(a, 16): i for i, (a, _, _) in enumerate(lines)}
     best = None
