@@ -247,3 +247,27 @@ def run_interpreted(test_file: str, select: str | None = None, timeout: int = 18
     assert proc.returncode == 0, f"interpreted run failed:\n{proc.stdout[-20000:]}\n{proc.stderr[-5000:]}"
     assert " passed" in proc.stdout and " skipped" not in proc.stdout, proc.stdout[-5000:]
     return proc.stdout
+
+
+def gluon_gemm_sm90(tile, group_size: int, has_chan: bool, maxnreg: int | None = None):
+    """The Gluon grouped GEMM (kernels/grouped_gemm_wgmma.py) compiled for sm_90 on this machine
+    (no GPU needed) for a wgmma tile, with the launcher's argument specializations: 16-byte
+    aligned pointers, K % 16 == 0. maxnreg None: the launcher's register cap for the tile."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from .kernels.grouped_gemm_wgmma import w4a8_grouped_gemm_wgmma_kernel
+    from .launch.grouped_gemm import register_cap
+    sig = dict(a_ptr="*fp8e4nv", a_scale_ptr="*fp32", w_ptr="*i32",
+               s_ptr="*fp8e4nv" if has_chan else "*bf16", chan_ptr="*fp32", off_ptr="*i64",
+               out_ptr="*bf16", R="i32", N="i32", K="i32", E="i32")
+    const = dict(GROUP=group_size, HAS_CHAN=has_chan, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+                 BLOCK_E=256, STAGES=tile.num_stages, KG_PAD=64, num_warps=tile.num_warps)
+    sig.update({c: "constexpr" for c in const})
+    attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 9)}
+    src = GluonASTSource(fn=w4a8_grouped_gemm_wgmma_kernel, signature=sig, constexprs=const,
+                         attrs=attrs)
+    cap = register_cap(tile) if maxnreg is None else maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=tile.num_warps, maxnreg=cap))

@@ -52,18 +52,9 @@ def print_k_loop(label, cubin, steps):
 def print_gluon_tile():
     """The Gluon kernel's WGMMA_TILE, built as the launcher builds it (register cap); its K loop
     runs a pair of groups per iteration."""
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from inductor_w4a8.kernels.grouped_gemm_wgmma import w4a8_grouped_gemm_wgmma_kernel
     from inductor_w4a8.launch.gemm_tiles import WGMMA_TILE as t
-    from inductor_w4a8.launch.grouped_gemm import register_cap
-    sig = {"a_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "w_ptr": "*i32", "s_ptr": "*bf16" if EXACT else "*fp8e4nv",
-           "chan_ptr": "*fp32", "off_ptr": "*i64", "out_ptr": "*bf16", "R": "i32", "N": "i32", "K": "i32", "E": "i32"}
-    const = {"GROUP": 128, "HAS_CHAN": not EXACT, "BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_E": 256,
-             "STAGES": t.num_stages, "KG_PAD": 64, "num_warps": t.num_warps}
-    sig.update({c: "constexpr" for c in const})
-    attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 9)}
-    c = triton.compile(GluonASTSource(fn=w4a8_grouped_gemm_wgmma_kernel, signature=sig, constexprs=const, attrs=attrs),
-                       target=GPUTarget("cuda", 90, 32), options={"num_warps": t.num_warps, "maxnreg": register_cap(t)})
+    from inductor_w4a8.testing import gluon_gemm_sm90
+    c = gluon_gemm_sm90(t, 128, not EXACT)
     print_k_loop(f"Gluon WGMMA_TILE {t.block_m}x{t.block_n} w{t.num_warps} s{t.num_stages} (a pair of groups per iteration)",
                  c.asm["cubin"], 2)
 

@@ -153,6 +153,46 @@ def test_bad_gemv_tile_refused_before_launch(fields, extra, message, seed):
     assert torch.isnan(out.float()).all()    # nothing written
 
 
+@pytest.mark.parametrize("fields,extra,message", [((128, 96, 8, 4, 1), {}, "block_n=96"),
+                                                  ((128, 64, 8, 4, 1), {}, "multiple of 128"),
+                                                  ((128, 128, 8, 2, 1), {}, "num_stages=2"),
+                                                  ((128, 128, 8, 4, 1, 2), {}, "groups_per_step=2"),
+                                                  ((128, 128, 8, 4, 1), {"tma_loads": True},
+                                                   "tma_loads=True")])
+def test_bad_gluon_tile_refused_before_launch(fields, extra, message, seed):
+    """A Gluon tile that cannot build is refused on every device, not silently replaced by the
+    Triton fallback (which is for a valid tile where Gluon cannot run)."""
+    from inductor_w4a8.launch.gemm_tiles import GemmTile
+    from inductor_w4a8.launch.grouped_gemm import grouped_gemm as launch
+    args = make_case(40, 2, 128, 256, 128, mode="exact")
+    out = poisoned_out(args)
+    with pytest.raises(ValueError, match=message):
+        launch(*args, tile=GemmTile(*fields, kernel="wgmma", **extra), out=out)
+    assert torch.isnan(out.float()).all()    # nothing written
+
+
+def test_only_unconstrained_eager_launches_may_get_the_gluon_tile(monkeypatch):
+    """The launcher asks choose_tile for the Gluon tile only for an eager launch that fixes no
+    tile fields: `constraints=` name fields of the table's tiles, and traced launches
+    (wrap_triton) take @triton.jit kernels only."""
+    from inductor_w4a8.launch import grouped_gemm as gg
+    from inductor_w4a8.launch.gemm_tiles import GemmConstraints
+    asked = []
+
+    class Stop(Exception):
+        pass
+
+    def recording_choose(*args, allow_gluon=False, **kwargs):
+        asked.append(allow_gluon)
+        raise Stop
+    monkeypatch.setattr(gg, "choose_tile", recording_choose)
+    args = make_case(40, 2, 64, 128, 128, mode="exact")
+    for kwargs in ({}, {"constraints": GemmConstraints(num_stages=3)}, {"wrap": lambda k: k}):
+        with pytest.raises(Stop):
+            gg.grouped_gemm(*args, **kwargs)
+    assert asked == [True, False, False]
+
+
 def test_table_keeps_the_triton_kernel():
     """No row of the table picks the Gluon kernel: the table is what traced launches (and the
     fallback) run; eager launches get WGMMA_TILE from choose_tile(allow_gluon=True) instead."""
@@ -160,36 +200,24 @@ def test_table_keeps_the_triton_kernel():
     assert all(t.kernel == "triton" for _, t in GEMM_TILES) and WGMMA_FALLBACK.kernel == "triton"
 
 
-WGMMA_BUILDS = [  # BLOCK_M, BLOCK_N, num_warps, STAGES, GROUP, HAS_CHAN
-    (64, 64, 4, 6, 128, True), (128, 64, 4, 4, 128, False), (64, 128, 8, 6, 64, False),
-    (64, 64, 4, 3, 32, True)]
+WGMMA_BUILDS = [  # (BLOCK_M, BLOCK_N, num_warps, STAGES, programs/SM), GROUP, HAS_CHAN
+    ((64, 64, 4, 6, 2), 128, True), ((128, 64, 4, 4, 2), 128, False),
+    ((64, 128, 8, 6, 1), 64, False), ((64, 64, 4, 3, 3), 32, True)]
 
 
-@pytest.mark.parametrize("build", WGMMA_BUILDS, ids=lambda b: "x".join(map(str, b)))
+@pytest.mark.parametrize("build", WGMMA_BUILDS, ids=lambda b: "x".join(map(str, (*b[0], *b[1:]))))
 def test_wgmma_kernel_compiles_for_sm90(build):
     """The Gluon kernel builds for sm_90 with this triton (3.9 in CI; 3.6 on the GPU machine,
     checked by the cuda tests), down to a cubin, and the IR keeps one wgmma in flight while the
     previous group is promoted (a wait with pendings = 1), not a wait after every dot."""
-    triton = pytest.importorskip("triton")
+    pytest.importorskip("triton")
     if INTERPRETED:
         pytest.skip("the interpreter does not compile")
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    from inductor_w4a8.kernels.grouped_gemm_wgmma import w4a8_grouped_gemm_wgmma_kernel
-    bm, bn, nw, stages, group, chan = build
-    sig = dict(a_ptr="*fp8e4nv", a_scale_ptr="*fp32", w_ptr="*i32",
-               s_ptr="*fp8e4nv" if chan else "*bf16", chan_ptr="*fp32", off_ptr="*i64",
-               out_ptr="*bf16", R="i32", N="i32", K="i32", E="i32")
-    const = dict(GROUP=group, HAS_CHAN=chan, BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=256, STAGES=stages,
-                 KG_PAD=64, num_warps=nw)
-    sig.update({c: "constexpr" for c in const})
-    # what the launcher's arguments get specialized to: 16-byte aligned pointers, K % 16 == 0
-    attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 9)}
-    src = GluonASTSource(fn=w4a8_grouped_gemm_wgmma_kernel, signature=sig, constexprs=const,
-                         attrs=attrs)
+    from inductor_w4a8.launch.gemm_tiles import GemmTile
+    from inductor_w4a8.testing import gluon_gemm_sm90
+    fields, group, chan = build
     try:
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=nw))
+        compiled = gluon_gemm_sm90(GemmTile(*fields, kernel="wgmma"), group, chan)
     except RuntimeError as e:  # no ptxas in this triton install: nothing to check here
         if "ptxas" in str(e).lower():
             pytest.skip(f"triton cannot assemble for sm_90 here: {e}")

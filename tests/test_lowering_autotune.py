@@ -66,6 +66,8 @@ def test_candidates_pruned_for_the_problem():
     (GemmTile(256, 256, 8, 5, 1, 2), "shared memory"),
     (GemmTile(256, 128, 4, 2, 1), "accumulator registers"),
     (GemmTile(128, 128, 8, 4, 1, kernel="wgmma", tma_loads=True), "tma_loads=True with kernel='wgmma'"),
+    (GemmTile(128, 64, 8, 4, 1, kernel="wgmma"), "whole 64-row wgmmas"),
+    (GemmTile(128, 128, 8, 2, 1, kernel="wgmma"), "num_stages >= 3"),
     (GemmTile(1, 64, 4, 1, 6, 1, kernel="gemv", tma_loads=True), "set tma_loads=False"),
 ])
 def test_tile_problems_names_each_defect(tile, fragment):

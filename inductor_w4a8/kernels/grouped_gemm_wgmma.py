@@ -11,8 +11,8 @@ every group's fp8 wgmma result is multiplied by its fp32 scale and added to an f
 that result feeds anything but the next dot's accumulator, so the promotion serializes MMA and
 math; here the waits are written by hand.
 
-One program = one out^T tile [BLOCK_N weight rows, BLOCK_M tokens] (one warpgroup per 64
-weight rows). The activations [BLOCK_M, G] and the int32 weight words [BLOCK_N, G / 8] of each group
+One program = one out^T tile [BLOCK_N weight rows, BLOCK_M tokens] (num_warps // 4 warpgroups,
+each running whole 64-row wgmmas). The activations [BLOCK_M, G] and the int32 weight words [BLOCK_N, G / 8] of each group
 (one K step = one quantization group) stream through a STAGES-deep ring filled by the TMA engine
 (one mbarrier per slot). A group's weights are read from the ring straight into the wgmma
 register-fragment layout of the first operand and decoded there to exact e4m3 q (layout v3's
@@ -24,8 +24,9 @@ no CTA barrier between decode and MMA. K steps run in pairs (g, g + 1):
     wait for wgmma(g); acc += p(g) * s(g); refill g's slot
     wait for wgmma(g + 1); acc += p(g + 1) * s(g + 1); refill its slot
 
-so a pair's first decode and last promotion run with this program's tensor work idle (the
-other programs on the SM fill it). No wgmma is in flight
+so a pair's first decode and last promotion run with this warpgroup's tensor work idle (another
+warpgroup or program on the SM fills it; the two CTA barriers of a pair keep the warpgroups of
+a program close in step, docs/perf.md session 9). No wgmma is in flight
 across the loop's back edge: carrying an in-flight accumulator through a loop makes the compiler
 copy its registers, which serializes every wgmma (ptxas C7514). An odd group count runs one
 group past K at the end: the TMA engine fills it with zeros and its scale is zero.
@@ -175,7 +176,7 @@ def _scales(s_smem, grp, mma_l: gl.constexpr):
 
 
 @gluon.jit
-def _tile_k_loop(base, KG, KG2, a_desc, w_desc, a_ring, w_ring, ready, s_smem, a_row, w_row,
+def _tile_k_loop(base, KG2, a_desc, w_desc, a_ring, w_ring, ready, s_smem, a_row, w_row,
                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP: gl.constexpr,
                  STAGES: gl.constexpr, mma_l: gl.constexpr, dot_l: gl.constexpr,
                  num_warps: gl.constexpr):
@@ -303,7 +304,7 @@ def w4a8_grouped_gemm_wgmma_kernel(
 
         _load_scale_table(s_tab, s_ptr, e64, n0, N, KG, BLOCK_N, KG_PAD, num_warps)
         _cta_barrier()   # the table is written before any warp reads it
-        acc = _tile_k_loop(base, KG, KG2, a_desc, w_desc, a_ring, w_ring, ready, s_smem,
+        acc = _tile_k_loop(base, KG2, a_desc, w_desc, a_ring, w_ring, ready, s_smem,
                            (row0 + m0).to(gl.int32), e * N + n0, BLOCK_M, BLOCK_N, GROUP,
                            STAGES, mma_l, dot_l, num_warps)
         base += KG2

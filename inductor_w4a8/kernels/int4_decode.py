@@ -13,15 +13,20 @@ inline-asm builtin, so each gets a two-line wrapper around this one text).
 import triton
 import triton.language as tl
 
+# The lookup tables, as the 32-bit halves PRMT indexes: e4m3 of q = 0..3 | 4..7 (sign 0) and of
+# q = -8..-5 | -4..-1 (sign 1), byte i of a half holding the value at index i.
+_E4M3_POS = ("0x44403800", "0x4E4C4A48")
+_E4M3_NEG = ("0xCACCCED0", "0xB8C0C4C8")
+
 # One line, no newlines: Inductor copies this global into its generated kernel source as a
 # plain quoted string, where a multi-line literal is a syntax error.
 S4X8_TO_FP8_PTX = tl.constexpr(" ".join((
     "{",
     ".reg .b32 pa, pb, na, nb, idx, s, idxh, sh, p0, n0, p1, n1;",
-    "mov.b32 pa, 0x44403800;",
-    "mov.b32 pb, 0x4E4C4A48;",
-    "mov.b32 na, 0xCACCCED0;",
-    "mov.b32 nb, 0xB8C0C4C8;",
+    f"mov.b32 pa, {_E4M3_POS[0]};",
+    f"mov.b32 pb, {_E4M3_POS[1]};",
+    f"mov.b32 na, {_E4M3_NEG[0]};",
+    f"mov.b32 nb, {_E4M3_NEG[1]};",
     "and.b32 idx, $2, 0x77777777;",
     "shr.u32 s, $2, 1;",
     "lop3.b32 s, s, 0x44444444, 0x32103210, 0xEA;",
@@ -49,8 +54,8 @@ S4X4_TO_FP8_PTX = tl.constexpr(" ".join((
     "and.b32 idx, $1, 0x7777;",
     "shr.u32 s, $1, 1;",
     "lop3.b32 s, s, 0x4444, 0x3210, 0xEA;",
-    "prmt.b32 p, 0x44403800, 0x4E4C4A48, idx;",
-    "prmt.b32 n, 0xCACCCED0, 0xB8C0C4C8, idx;",
+    f"prmt.b32 p, {_E4M3_POS[0]}, {_E4M3_POS[1]}, idx;",
+    f"prmt.b32 n, {_E4M3_NEG[0]}, {_E4M3_NEG[1]}, idx;",
     "prmt.b32 $0, p, n, s;",
     "}",
 )))

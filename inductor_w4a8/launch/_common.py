@@ -222,8 +222,6 @@ def clear_fast_launch_cache() -> None:
     _RUNTIME = None
 
 
-
-
 def _scratch_allocator_var():
     """Triton's allocator context variable (private: triton.runtime._allocation), or None."""
     try:

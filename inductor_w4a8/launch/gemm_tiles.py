@@ -169,7 +169,7 @@ def tile_problems(tile: GemmTile, N: int | None, K: int | None, group_size: int)
     when it can. N / K None: only the checks that do not depend on them."""
     if tile.kernel == GEMV_KERNEL:
         return gemv_tile_problems(tile)
-    problems = []
+    problems = wgmma_tile_problems(tile) if tile.kernel == WGMMA_KERNEL else []
     if tile.block_m not in BLOCK_M_CHOICES:
         problems.append(f"block_m={tile.block_m} not in {BLOCK_M_CHOICES}")
     if tile.block_n not in BLOCK_N_CHOICES:
@@ -180,9 +180,6 @@ def tile_problems(tile: GemmTile, N: int | None, K: int | None, group_size: int)
         problems.append(f"num_warps={tile.num_warps} not in {WARPS_CHOICES}")
     if not STAGES_RANGE[0] <= tile.num_stages <= STAGES_RANGE[1]:
         problems.append(f"num_stages={tile.num_stages} outside {STAGES_RANGE}")
-    if tile.tma_loads and tile.kernel != "triton":
-        problems.append(f"tma_loads=True with kernel={tile.kernel!r}: only the Triton kernel has a "
-                        f"TMA loop; set tma_loads=False")
     if tile.groups_per_step not in (1, 2):
         problems.append(f"groups_per_step={tile.groups_per_step} not 1 or 2")
     elif K is not None and tile.groups_per_step == 2 and K // group_size < 2:
@@ -196,6 +193,35 @@ def tile_problems(tile: GemmTile, N: int | None, K: int | None, group_size: int)
     acc_regs = tile.block_m * tile.block_n // (32 * max(tile.num_warps, 1))
     if acc_regs > ACC_REGS_LIMIT:
         problems.append(f"{acc_regs} accumulator registers per thread > {ACC_REGS_LIMIT}")
+    return problems
+
+
+def wgmma_tile_problems(tile: GemmTile) -> list[str]:
+    """Why a Gluon tile (kernel="wgmma") cannot build, whatever the problem; empty when it can.
+    (Where it cannot run, on a problem it can build for, the launcher runs WGMMA_FALLBACK.)"""
+    problems = []
+    if tile.block_m not in BLOCK_M_CHOICES:
+        problems.append(f"block_m={tile.block_m} not in {BLOCK_M_CHOICES}")
+    if tile.num_warps not in WARPS_CHOICES:
+        problems.append(f"num_warps={tile.num_warps} not in {WARPS_CHOICES}")
+    elif tile.block_n < 16 * tile.num_warps or tile.block_n % (16 * tile.num_warps):
+        problems.append(f"block_n={tile.block_n}: the Gluon kernel runs whole 64-row wgmmas per "
+                        f"warpgroup; use a multiple of {16 * tile.num_warps} with "
+                        f"num_warps={tile.num_warps}")
+    if tile.num_stages < 3:
+        problems.append(f"num_stages={tile.num_stages}: the Gluon kernel's ring holds a pair of "
+                        f"groups and the next one; use num_stages >= 3")
+    if tile.groups_per_step != 1:
+        problems.append(f"groups_per_step={tile.groups_per_step}: the Gluon kernel runs its groups "
+                        f"in pairs of single steps; set groups_per_step=1")
+    if tile.tma_loads:
+        problems.append(f"tma_loads=True with kernel={tile.kernel!r}: only the Triton kernel has the "
+                        f"option (the Gluon kernel always loads by TMA); set tma_loads=False")
+    if tile.prefetch_scales:
+        problems.append("prefetch_scales=True: only the Triton kernel loads scales a step ahead (the "
+                        "Gluon kernel keeps a tile's scales in shared memory); set prefetch_scales=False")
+    if tile.programs_per_sm < 1:
+        problems.append(f"programs_per_sm={tile.programs_per_sm} < 1")
     return problems
 
 

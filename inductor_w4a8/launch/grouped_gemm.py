@@ -15,7 +15,7 @@ from ..kernels.grouped_gemv import w4a8_grouped_gemv_kernel
 from ._common import (device_scratch, device_scratch_supported, fast_launch, interpreting,
                       traced_launch_defaults)
 from .gemm_tiles import (GEMV_KERNEL, WGMMA_FALLBACK, WGMMA_KERNEL, GemmConstraints, GemmTile,
-                         choose_tile, gemv_tile_problems, grid_size)
+                         choose_tile, gemv_tile_problems, grid_size, wgmma_tile_problems)
 
 
 LAST_COMPILED = None  # the last compiled kernel (for SASS / register inspection in tuning)
@@ -51,8 +51,12 @@ def grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scal
                            allow_gluon=wrap is None and constraints is None)
     global LAST_KERNEL
     if tile.kernel == WGMMA_KERNEL:
+        problems = wgmma_tile_problems(tile)
+        if problems:
+            raise ValueError(f"grouped_gemm: tile {tile} cannot run the Gluon kernel: "
+                             f"{'; '.join(problems)}")
         if (wrap is None and wgmma_supported(a.device) and tma_loads_supported(a, w)
-                and _wgmma_fits(tile, K, group_size, w_scale)):
+                and _scale_table_fits(tile, K, group_size, w_scale)):
             LAST_KERNEL = WGMMA_KERNEL
             return _launch_wgmma(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_size,
                                  tile, out)
@@ -131,12 +135,10 @@ def _scale_table_rows(K: int, group_size: int) -> int:
     return triton.next_power_of_2(K // group_size + 1)
 
 
-def _wgmma_fits(tile: GemmTile, K: int, group_size: int, w_scale: torch.Tensor) -> bool:
-    """Whether the Gluon kernel builds for this tile and problem: a 3+ deep ring, whole 64-row
-    wgmmas per warpgroup, its scale table within WGMMA_MAX_SCALE_TABLE_BYTES."""
+def _scale_table_fits(tile: GemmTile, K: int, group_size: int, w_scale: torch.Tensor) -> bool:
+    """Whether the Gluon tile's scale table for this problem fits WGMMA_MAX_SCALE_TABLE_BYTES."""
     table = _scale_table_rows(K, group_size) * tile.block_n * w_scale.element_size()
-    return (tile.num_stages >= 3 and tile.block_n % (16 * tile.num_warps) == 0
-            and table <= WGMMA_MAX_SCALE_TABLE_BYTES)
+    return table <= WGMMA_MAX_SCALE_TABLE_BYTES
 
 
 def _launch_wgmma(a, a_scale, w, w_scale, w_chan_scale, expert_offsets, group_size, tile, out):
